@@ -1,0 +1,71 @@
+"""Small shared helpers: user-facing errors, atomic file output, CLI entry wrapper, contexts."""
+import contextlib
+import os
+import sys
+import tempfile
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line naming the file, never as a traceback."""
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    An interrupted or failed write leaves no half file under the final name.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode='w', **kwargs):
+    """Open a temporary file that replaces `path` when the block ends without error."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+
+
+def run_cli(main):
+    """Run a CLI `main()`: a UserError becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        code = main()
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def parse_contexts(gpus='', ctx=''):
+    """Contexts from `--gpus 0,1` (or CUDA_VISIBLE_DEVICES) or `--ctx cpu:N`; one CPU by default.
+
+    The same list serves GPUs and several CPU contexts, so the multi-device path is one code path.
+    """
+    import mxnet as mx
+    if ctx:
+        kind, _, n = ctx.partition(':')
+        n = int(n or 1)
+        if kind == 'cpu':
+            return [mx.cpu(i) for i in range(n)]
+        if kind == 'gpu':
+            return [mx.gpu(i) for i in range(n)]
+        raise UserError(f'--ctx {ctx!r}: expected cpu:N or gpu:N')
+    if not gpus:
+        gpus = os.environ.get('CUDA_VISIBLE_DEVICES', '') if mx.context.num_gpus() > 0 else ''
+        if gpus:
+            return [mx.gpu(i) for i in range(len(gpus.split(',')))]
+        return [mx.cpu()]
+    return [mx.gpu(int(i)) for i in gpus.split(',') if i.strip() != '']
