@@ -1,0 +1,45 @@
+"""Align a folder of photos to 112x112 faces: `align_dataset_mtcnn.py INPUT_DIR OUTPUT_DIR`.
+
+Mirrors the folder tree as JPEGs and writes OUTPUT_DIR/align_report.csv
+(`path,status,score,x1,y1,...,x5,y5`; landmarks in input pixels). Faces come from --landmarks
+(`relative/path x1 y1 ... x5 y5` lines) or from the MTCNN detector with the seed's fallbacks
+(more scales, rotations, finally a centre crop reported as 'forced'). Existing outputs are skipped,
+so an interrupted run resumes; unreadable images are reported as 'failed' and the run goes on.
+"""
+import argparse
+import collections
+import sys
+
+from recognition.align import REPORT_NAME, align_folder, read_landmarks_file
+from recognition.utils import parse_contexts, run_cli
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('input_dir')
+    parser.add_argument('output_dir')
+    parser.add_argument('--image-size', type=int, default=112, choices=[112],
+                        help='aligned crop size (the arcface template is 112x112)')
+    parser.add_argument('--landmarks', default=None, help='5-point landmarks file; listed images are not detected')
+    parser.add_argument('--num-workers', type=int, default=1, help='worker processes')
+    parser.add_argument('--min-face-size', type=int, default=20, help='MTCNN minimum face size in pixels')
+    parser.add_argument('--no-skip-existing', action='store_true', help='redo images that already have an output')
+    parser.add_argument('--gpus', default='', help='detector GPU, e.g. 0 (default CPU)')
+    args = parser.parse_args(argv)
+
+    landmarks = read_landmarks_file(args.landmarks) if args.landmarks else None
+    detector = None
+    if args.min_face_size != 20 or args.gpus:
+        from recognition.detection import MTCNNDetector
+        detector = MTCNNDetector(ctx=parse_contexts(args.gpus)[0], min_face_size=args.min_face_size)
+    rows = align_folder(args.input_dir, args.output_dir, image_size=args.image_size, landmarks=landmarks,
+                        detector=detector, num_workers=args.num_workers,
+                        skip_existing=not args.no_skip_existing,
+                        log=lambda message: print(f'warning: {message}', file=sys.stderr, flush=True))
+    counts = collections.Counter(r.status for r in rows)
+    summary = ', '.join(f'{counts[s]} {s}' for s in sorted(counts))
+    print(f'{len(rows)} images: {summary or "none found"}; report {args.output_dir}/{REPORT_NAME}')
+
+
+if __name__ == '__main__':
+    run_cli(main)

