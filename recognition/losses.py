@@ -1,0 +1,202 @@
+"""Classification heads on the embedding: insightface's margin softmax family, the FairFace seed's
+arc-circle loss, center loss and attribute (gender / age) heads.
+
+Heads return logits; the loss is ``gluon.loss.SoftmaxCrossEntropyLoss`` over them (insightface's
+``SoftmaxOutput(normalization='valid')`` averaged over the batch).  The classifier weight is
+``fc7_weight`` (classes x emb) as in insightface, so checkpoints keep it under that name.
+"""
+import math
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+from .utils import UserError
+
+__all__ = ['MarginHead', 'ArcCircleHead', 'CenterLoss', 'AttributeHead', 'build_head', 'LOSS_PRESETS']
+
+# Clip for cos(theta) before arccos: rounding can push a dot product of unit vectors to or just
+# past +-1, where arccos is NaN or its gradient infinite (insightface does not guard this).  Only
+# |cos| > 1 - 1e-6, i.e. theta within ~0.08 degrees of 0 or pi, is affected.
+_COS_LIMIT = 1.0 - 1e-6
+
+
+def _scaled_cosine(F, emb, weight, num_classes, scale=1.0):
+    """``scale * cos(theta)`` of every embedding to every fc7 row, computed as insightface does
+    (L2-normalised embedding times ``scale``, then FullyConnected with the normalised weight)."""
+    x = F.L2Normalization(emb, mode='instance', name='fc1n')
+    if scale != 1.0:
+        x = x * scale
+    w = F.L2Normalization(weight, mode='instance')
+    return F.FullyConnected(x, w, no_bias=True, num_hidden=num_classes, name='fc7')
+
+
+class _Fc7Head(gluon.HybridBlock):
+    """Owns ``fc7_weight`` with insightface's Normal(0.01) init and lr / wd multipliers."""
+
+    def __init__(self, num_classes, emb_size, fc7_lr_mult=1.0, fc7_wd_mult=1.0, prefix=''):
+        super().__init__(prefix=prefix)
+        self.num_classes = num_classes
+        self.fc7_weight = self.params.get('fc7_weight', shape=(num_classes, emb_size),
+                                          init=mx.init.Normal(0.01), lr_mult=fc7_lr_mult,
+                                          wd_mult=fc7_wd_mult)
+
+    def cosine(self, emb):
+        """cos(theta_j) of ``emb`` (NDArray) to every class: the un-margined scores, for accuracy
+        and hard-sample mining (argmax equals the prediction of the head without its margin; for
+        the plain softmax head, which has no normalisation, it ignores weight norms and bias)."""
+        return _scaled_cosine(mx.nd, emb, self.fc7_weight.data(emb.context), self.num_classes)
+
+
+class MarginHead(_Fc7Head):
+    """insightface's ``margin_softmax``: target logit ``s * (cos(m1 * theta + m2) - m3)``.
+
+    * ``s`` None or 0: plain softmax, ``FullyConnected(emb, fc7_weight, fc7_bias)`` with the bias
+      at lr x2 and no weight decay (``no_bias=True`` drops it, insightface's ``fc7_no_bias``).
+    * ``m1 == 1, m2 == 0`` (CosFace, or nsoftmax when m3 == 0): ``s * cos - s * m3`` on the target.
+    * ArcFace (``m1 == 1, m2 > 0, m3 == 0``): as the old ``train_softmax`` loss_type 4, where
+      ``theta + m2 > pi`` (cos <= cos(pi - m2)) the target logit is ``s * (cos - m2 * sin(m2))``
+      instead of the non-monotonic ``s * cos(theta + m2)``; ``easy_margin`` applies the margin only
+      where cos > 0 and keeps the plain logit elsewhere.
+    * any other m1 / m2 / m3: the combined formula through arccos, as insightface's train.py.
+    """
+
+    def __init__(self, num_classes, emb_size, s=64.0, m1=1.0, m2=0.0, m3=0.0, easy_margin=False,
+                 fc7_lr_mult=1.0, fc7_wd_mult=1.0, prefix='', no_bias=False):
+        super().__init__(num_classes, emb_size, fc7_lr_mult, fc7_wd_mult, prefix)
+        self.s, self.m1, self.m2, self.m3 = (float(s) if s else 0.0), float(m1), float(m2), float(m3)
+        self.easy_margin = bool(easy_margin)
+        self.arcface = self.m1 == 1.0 and self.m2 > 0.0 and self.m3 == 0.0
+        if self.easy_margin and not self.arcface:
+            raise ValueError('easy_margin applies to ArcFace only (m1=1, m2>0, m3=0)')
+        if self.arcface and not 0.0 <= self.m2 < math.pi / 2:
+            raise ValueError('ArcFace margin m2 must be in [0, pi/2)')
+        self.fc7_bias = None
+        if not self.s and not no_bias:
+            self.fc7_bias = self.params.get('fc7_bias', shape=(num_classes,), init='zeros',
+                                            lr_mult=2.0, wd_mult=0.0)
+
+    def hybrid_forward(self, F, emb, label, fc7_weight, fc7_bias=None):
+        if not self.s:
+            if fc7_bias is None:
+                return F.FullyConnected(emb, fc7_weight, no_bias=True, num_hidden=self.num_classes, name='fc7')
+            return F.FullyConnected(emb, fc7_weight, fc7_bias, num_hidden=self.num_classes, name='fc7')
+        s = self.s
+        fc7 = _scaled_cosine(F, emb, fc7_weight, self.num_classes, s)
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            if self.m3 == 0.0:
+                return fc7
+            return fc7 - F.one_hot(label, depth=self.num_classes, on_value=s * self.m3, off_value=0.0)
+        zy = F.pick(fc7, label, axis=1)
+        cos_t = F.clip(zy / s, -_COS_LIMIT, _COS_LIMIT)
+        theta = F.arccos(cos_t)
+        new_zy = (F.cos(theta * self.m1 + self.m2) - self.m3) * s
+        if self.arcface:
+            if self.easy_margin:
+                cond, zy_keep = cos_t > 0.0, zy
+            else:
+                cond = cos_t > math.cos(math.pi - self.m2)
+                zy_keep = zy - s * math.sin(math.pi - self.m2) * self.m2
+            new_zy = F.where(cond, new_zy, zy_keep)
+        diff = F.expand_dims(new_zy - zy, 1)
+        return fc7 + F.broadcast_mul(F.one_hot(label, depth=self.num_classes), diff)
+
+
+class ArcCircleHead(_Fc7Head):
+    """The FairFace seed's ``arc_circle_softmax`` (class_level_loss.py).
+
+    With theta = arccos(cos) and margin ``m``: target ``cos(clip(theta + m, 0, pi)) *
+    relu(theta + pi - m)``, others ``cos(clip(theta + pi - m, 0, pi)) * relu(m - theta)``, all
+    times ``gamma``.
+    """
+
+    def __init__(self, num_classes, emb_size, gamma=64.0, margin=0.65 * math.pi,
+                 fc7_lr_mult=1.0, fc7_wd_mult=1.0, prefix=''):
+        super().__init__(num_classes, emb_size, fc7_lr_mult, fc7_wd_mult, prefix)
+        self.gamma, self.margin = float(gamma), float(margin)
+
+    def hybrid_forward(self, F, emb, label, fc7_weight):
+        m = self.margin
+        theta = F.arccos(F.clip(_scaled_cosine(F, emb, fc7_weight, self.num_classes), -_COS_LIMIT, _COS_LIMIT))
+        shift = F.one_hot(label, depth=self.num_classes, on_value=m, off_value=math.pi - m)
+        offset = F.one_hot(label, depth=self.num_classes, on_value=math.pi - m, off_value=m)
+        sign = F.one_hot(label, depth=self.num_classes, on_value=1.0, off_value=-1.0)
+        margin_cos = F.cos(F.clip(theta + shift, 0.0, math.pi))
+        weight = F.relu(theta * sign + offset)
+        return margin_cos * weight * self.gamma
+
+
+class CenterLoss(gluon.Block):
+    """Center loss (Wen et al. 2016), the HW_face auxiliary: ``0.5 * ||x - c_y||^2`` per sample.
+
+    The centers are not trained by the optimizer: in a training forward pass each center moves by
+    ``alpha * sum_i(x_i - c_j) / (1 + n_j)`` over the batch's samples of class j.  The update is
+    applied to every context's copy, so data-parallel devices keep identical centers.
+    """
+
+    def __init__(self, num_classes, emb_size, alpha=0.5, prefix='centerloss_'):
+        super().__init__(prefix=prefix)
+        self.num_classes, self.alpha = num_classes, float(alpha)
+        self.centers = self.params.get('centers', shape=(num_classes, emb_size), init='zeros',
+                                       grad_req='null', differentiable=False)
+
+    def forward(self, emb, label):
+        centers = self.centers.data(emb.context)
+        diff = emb - mx.nd.take(centers, label)
+        loss = 0.5 * mx.nd.sum(diff * diff, axis=1)
+        if autograd.is_training():
+            with autograd.pause():
+                self._update(diff.detach(), label)
+        return loss
+
+    def _update(self, diff, label):
+        one_hot = mx.nd.one_hot(label, self.num_classes)                  # N x K
+        counts = mx.nd.sum(one_hot, axis=0).reshape((-1, 1))               # K x 1
+        delta = mx.nd.dot(one_hot, diff, transpose_a=True) / (1.0 + counts)
+        for copy in self.centers.list_data():
+            copy += self.alpha * delta.as_in_context(copy.context)
+
+
+class AttributeHead(gluon.HybridBlock):
+    """Multi-task classifier on the embedding (gender, age group): Dense+PReLU layers then logits.
+
+    Its logits feed their own SoftmaxCrossEntropyLoss, weighted against the identity loss.
+    """
+
+    def __init__(self, emb_size, num_classes, hidden=(512,), prefix='attr_'):
+        super().__init__(prefix=prefix)
+        with self.name_scope():
+            self.body = gluon.nn.HybridSequential()
+            in_units = emb_size
+            for units in hidden:
+                self.body.add(gluon.nn.Dense(units, in_units=in_units), gluon.nn.PReLU())
+                in_units = units
+            self.body.add(gluon.nn.Dense(num_classes, in_units=in_units))
+
+    def hybrid_forward(self, F, emb):
+        return self.body(emb)
+
+
+# insightface's sample_config.py loss presets (+ the FairFace seed's arc_circle_loss).
+LOSS_PRESETS = {
+    'softmax': dict(s=None),
+    'nsoftmax': dict(s=64.0),
+    'arcface': dict(s=64.0, m1=1.0, m2=0.5, m3=0.0),
+    'cosface': dict(s=64.0, m1=1.0, m2=0.0, m3=0.35),
+    'combined': dict(s=64.0, m1=1.0, m2=0.3, m3=0.2),
+    'arc_circle': dict(gamma=64.0, margin=0.65 * math.pi),
+}
+# insightface config keys accepted as aliases.
+_ALIASES = {'loss_s': 's', 'loss_m1': 'm1', 'loss_m2': 'm2', 'loss_m3': 'm3', 'loss_gamma': 'gamma',
+            'loss_margin': 'margin', 'thetaMargin': 'margin', 'fc7_no_bias': 'no_bias'}
+
+
+def build_head(loss_name, num_classes, emb_size, **cfg):
+    """Head for a ``--loss`` preset; ``cfg`` overrides its values (``s``/``loss_s``, ``m1``..``m3``,
+    ``easy_margin``, ``gamma``, ``margin``, ``fc7_lr_mult``, ``fc7_wd_mult``, ``no_bias``)."""
+    if loss_name not in LOSS_PRESETS:
+        raise UserError('--loss: unknown loss %r (choose from %s)' % (loss_name, ', '.join(sorted(LOSS_PRESETS))))
+    kwargs = dict(LOSS_PRESETS[loss_name])
+    kwargs.update({_ALIASES.get(k, k): v for k, v in cfg.items()})
+    if loss_name == 'arc_circle':
+        return ArcCircleHead(num_classes, emb_size, **kwargs)
+    return MarginHead(num_classes, emb_size, **kwargs)

@@ -1,0 +1,191 @@
+"""Margin heads against a float64 numpy reference of insightface's formulas (logits and gradients)."""
+import math
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, gluon
+
+from recognition.losses import (LOSS_PRESETS, ArcCircleHead, AttributeHead, CenterLoss, MarginHead,
+                                build_head)
+from recognition.utils import UserError
+
+N, EMB, C = 4, 8, 6
+LIMIT = 1.0 - 1e-6
+
+
+def reference_logits(emb, weight, bias, label, loss_name, **over):
+    """insightface's target-logit arithmetic, written independently in numpy (float64)."""
+    cfg = dict(LOSS_PRESETS[loss_name], **over)
+    rows = np.arange(len(label))
+    if loss_name == 'arc_circle':
+        x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        w = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+        theta = np.arccos(np.clip(x @ w.T, -LIMIT, LIMIT))
+        m, target = cfg['margin'], np.zeros(theta.shape, bool)
+        target[rows, label] = True
+        out = np.where(target,
+                       np.cos(np.clip(theta + m, 0, np.pi)) * np.maximum(theta + np.pi - m, 0),
+                       np.cos(np.clip(theta + np.pi - m, 0, np.pi)) * np.maximum(m - theta, 0))
+        return out * cfg['gamma']
+    s = cfg.get('s')
+    if not s:
+        return emb @ weight.T + bias
+    m1, m2, m3 = cfg.get('m1', 1.0), cfg.get('m2', 0.0), cfg.get('m3', 0.0)
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    w = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    logits = s * (x @ w.T)
+    cos_t = np.clip(logits[rows, label] / s, -LIMIT, LIMIT)
+    if m1 == 1.0 and m2 == 0.0:
+        target = s * (cos_t - m3)
+    else:
+        target = s * (np.cos(m1 * np.arccos(cos_t) + m2) - m3)
+        if m1 == 1.0 and m3 == 0.0:      # ArcFace: train_softmax's guard / easy margin
+            if cfg.get('easy_margin'):
+                target = np.where(cos_t > 0, target, s * cos_t)
+            else:
+                target = np.where(cos_t > np.cos(np.pi - m2), target, s * (cos_t - m2 * np.sin(m2)))
+    logits[rows, label] = target
+    return logits
+
+
+def numeric_grad(f, arr, eps=1e-6):
+    grad = np.zeros_like(arr)
+    for idx in np.ndindex(arr.shape):
+        keep = arr[idx]
+        arr[idx] = keep + eps
+        hi = f()
+        arr[idx] = keep - eps
+        lo = f()
+        arr[idx] = keep
+        grad[idx] = (hi - lo) / (2 * eps)
+    return grad
+
+
+def make_case(seed, guard=False):
+    rng = np.random.RandomState(seed)
+    weight = rng.normal(size=(C, EMB))
+    label = rng.randint(0, C, size=N)
+    emb = rng.normal(size=(N, EMB))
+    if guard:  # targets pointing away from their class (theta near pi): theta + m > pi
+        emb[:2] = -weight[label[:2]] + 0.05 * rng.normal(size=(2, EMB))
+        emb[2] = 0.6 * weight[label[2]] + rng.normal(size=EMB) * 0.3  # a normal-region sample
+    return emb, weight, rng.normal(size=C) * 0.1, label
+
+
+def check_head(loss_name, emb, weight, bias, label, **over):
+    head = build_head(loss_name, C, EMB, **over)
+    head.initialize()
+    head.fc7_weight.set_data(mx.nd.array(weight))
+    if getattr(head, 'fc7_bias', None) is not None:
+        head.fc7_bias.set_data(mx.nd.array(bias))
+    proj = np.random.RandomState(7).normal(size=(N, C))
+    x = mx.nd.array(emb)
+    x.attach_grad()
+    with autograd.record():
+        logits = head(x, mx.nd.array(label))
+        (logits * mx.nd.array(proj)).sum().backward()
+    ref = reference_logits(emb, weight, bias, label, loss_name, **over)
+    np.testing.assert_allclose(logits.asnumpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+    def objective():
+        return float((reference_logits(emb, weight, bias, label, loss_name, **over) * proj).sum())
+    g_emb, g_w = numeric_grad(objective, emb), numeric_grad(objective, weight)
+    np.testing.assert_allclose(x.grad.asnumpy(), g_emb, rtol=2e-3, atol=2e-3 * np.abs(g_emb).max())
+    np.testing.assert_allclose(head.fc7_weight.grad().asnumpy(), g_w, rtol=2e-3, atol=2e-3 * np.abs(g_w).max())
+    return ref
+
+
+@pytest.mark.parametrize('loss_name', sorted(LOSS_PRESETS))
+def test_presets_match_reference(loss_name):
+    emb, weight, bias, label = make_case(0)
+    ref = check_head(loss_name, emb, weight, bias, label)
+    plain = reference_logits(emb, weight, bias, label, 'nsoftmax')
+    rows = np.arange(N)
+    if loss_name in ('arcface', 'cosface', 'combined'):  # the margin lowers every target logit
+        assert np.all(ref[rows, label] < plain[rows, label] - 1.0)
+
+
+@pytest.mark.parametrize('easy_margin', [False, True])
+def test_arcface_guard_and_easy_margin(easy_margin):
+    emb, weight, bias, label = make_case(1, guard=True)
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    w = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    cos_t = (x @ w.T)[np.arange(N), label]
+    assert np.all(cos_t[:2] < math.cos(math.pi - 0.5)) and cos_t[2] > 0.2  # both regions covered
+    ref = check_head('arcface', emb, weight, bias, label, easy_margin=easy_margin)
+    expected = 64 * cos_t[:2] if easy_margin else 64 * (cos_t[:2] - 0.5 * math.sin(0.5))
+    np.testing.assert_allclose(ref[np.arange(2), label[:2]], expected, rtol=1e-12)
+
+
+def test_cosine_and_softmax_bias_names():
+    head = build_head('softmax', C, EMB, fc7_lr_mult=2.0)
+    assert sorted(head.collect_params().keys()) == ['fc7_bias', 'fc7_weight']
+    assert head.fc7_weight.lr_mult == 2.0 and head.fc7_bias.wd_mult == 0.0
+    arc = build_head('arcface', C, EMB, loss_s=32.0)
+    assert arc.s == 32.0 and list(arc.collect_params().keys()) == ['fc7_weight']
+    arc.initialize()
+    emb = mx.nd.random.normal(shape=(N, EMB))
+    cos = arc.cosine(emb).asnumpy()
+    ref = reference_logits(emb.asnumpy().astype(np.float64), arc.fc7_weight.data().asnumpy().astype(np.float64),
+                           None, np.zeros(N, int), 'nsoftmax') / 64.0
+    np.testing.assert_allclose(cos, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError):
+        build_head('sphereface', C, EMB)
+    with pytest.raises(ValueError):
+        MarginHead(C, EMB, m3=0.35, easy_margin=True)
+
+
+def test_margin_head_hybridized_trains():
+    """Hybridized arcface head + SoftmaxCrossEntropyLoss: the loss falls on separable data."""
+    rng = np.random.RandomState(3)
+    centers = rng.normal(size=(C, EMB)) * 3
+    label = np.arange(24) % C
+    emb = mx.nd.array(centers[label] + rng.normal(size=(24, EMB)) * 0.3)
+    head = MarginHead(C, EMB, s=16.0, m2=0.3)
+    head.initialize(mx.init.Normal(0.01))
+    head.hybridize()
+    trainer = gluon.Trainer(head.collect_params(), 'sgd', {'learning_rate': 0.5})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    losses = []
+    for _ in range(30):
+        with autograd.record():
+            loss = loss_fn(head(emb, mx.nd.array(label)), mx.nd.array(label))
+        loss.backward()
+        trainer.step(24)
+        losses.append(loss.mean().asscalar())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_arc_circle_defaults_and_config_aliases():
+    head = ArcCircleHead(C, EMB)
+    assert head.gamma == 64.0 and abs(head.margin - 0.65 * math.pi) < 1e-12
+    head = build_head('arc_circle', C, EMB, loss_gamma=32.0, loss_margin=2.0, fc7_wd_mult=10.0)
+    assert (head.gamma, head.margin, head.fc7_weight.wd_mult) == (32.0, 2.0, 10.0)
+
+
+def test_center_loss_updates_centers_on_every_context():
+    ctxs = [mx.cpu(0), mx.cpu(1)]
+    loss = CenterLoss(3, 2, alpha=0.5)
+    loss.initialize(ctx=ctxs)
+    emb = mx.nd.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]], ctx=ctxs[0])
+    label = mx.nd.array([0, 0, 2], ctx=ctxs[0])
+    emb.attach_grad()
+    with autograd.record():
+        value = loss(emb, label)
+        value.sum().backward()
+    np.testing.assert_allclose(value.asnumpy(), [0.5, 4.5, 2.0])
+    np.testing.assert_allclose(emb.grad.asnumpy(), emb.asnumpy())       # d/dx 0.5||x - c||^2, c = 0
+    expected = np.array([[0.5 * 4.0 / 3.0, 0.0], [0.0, 0.0], [0.0, 0.5 * 2.0 / 2.0]])
+    for copy in loss.centers.list_data():
+        np.testing.assert_allclose(copy.asnumpy(), expected, rtol=1e-6)
+    loss(emb, label)  # outside training mode: no update
+    np.testing.assert_allclose(loss.centers.data(ctxs[1]).asnumpy(), expected, rtol=1e-6)
+
+
+def test_attribute_head_shapes_and_names():
+    head = AttributeHead(EMB, 2, hidden=(16,), prefix='gender_')
+    head.initialize()
+    head.hybridize()
+    assert head(mx.nd.random.normal(shape=(N, EMB))).shape == (N, 2)
+    assert all(k.startswith('gender_') for k in head.collect_params().keys())
