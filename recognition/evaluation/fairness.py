@@ -1,0 +1,355 @@
+"""Accuracy and bias of verification scores with respect to gender and skin colour.
+
+All definitions live here and are documented in docs/metrics.md. The challenge's exact bias formula is
+not public to us; these are transparent stand-ins in its spirit (bias measured separately on positive
+and negative pairs, adjusted for legitimate attributes, plus NIST-style error-rate differentials).
+
+Groups: for each protected attribute (gender; skin colour; their combination) a pair belongs to group g
+when *both* images are in g. Mixed pairs (e.g. a female-male impostor pair) count in the global accuracy
+but in no group of that attribute; their number is reported.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import auc, roc_curve
+
+from recognition.evaluation.ensemble import read_pairs_csv
+from recognition.utils import UserError
+
+GENDER = {0: 'female', 1: 'male'}
+SKIN = {0: 'light', 1: 'dark'}
+# Each protected attribute: (group names, function of the per-image codes -> group index or -1).
+ATTRIBUTES = {
+    'gender': ['female', 'male'],
+    'skin': ['light', 'dark'],
+    'gender_skin': ['light_female', 'light_male', 'dark_female', 'dark_male'],
+}
+# The codes of every group, for tools that select training data by group (e.g. the finetune chain).
+GROUP_CODES = {
+    'female': {'GENDER': 0}, 'male': {'GENDER': 1}, 'light': {'SKIN_COLOUR': 0}, 'dark': {'SKIN_COLOUR': 1},
+    'light_female': {'SKIN_COLOUR': 0, 'GENDER': 0}, 'light_male': {'SKIN_COLOUR': 0, 'GENDER': 1},
+    'dark_female': {'SKIN_COLOUR': 1, 'GENDER': 0}, 'dark_male': {'SKIN_COLOUR': 1, 'GENDER': 1},
+}
+LEGITIMATE = ('AGE', 'GLASSES', 'HEAD_POSE', 'SOURCE', 'BOUNDING_BOX_SIZE')
+FAR_TARGETS = (1e-3, 1e-4)
+FMR_TARGET = 1e-3
+NUMERIC_BINS = 4  # a numeric legitimate attribute with many values (age, face size) -> quartile bins
+MAX_LEVELS = 8
+
+
+@dataclass
+class Pairs:
+    """Scored, labelled pairs with each pair's protected groups and legitimate attributes."""
+    scores: np.ndarray          # (P,) float
+    labels: np.ndarray          # (P,) bool, True = same person
+    groups: dict                # attribute -> (P,) int group index, -1 = mixed or unknown
+    legitimate: dict            # column -> ((P,) level of image 1, (P,) level of image 2, level names)
+
+
+def _read_metadata(path):
+    """{column: array of strings} and {template id: row} of the metadata CSV."""
+    try:
+        with open(path) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except OSError as e:
+        raise UserError(f'{path}: cannot read ({e.strerror})') from None
+    if not lines:
+        raise UserError(f'{path}: empty file')
+    header = [h.strip() for h in lines[0].split(',')]
+    for col in ('TEMPLATE_ID', 'GENDER', 'SKIN_COLOUR'):
+        if col not in header:
+            raise UserError(f'{path}: header lacks {col} (got {lines[0]!r})')
+    rows = [[v.strip() for v in line.split(',')] for line in lines[1:]]
+    bad = next((n for n, r in enumerate(rows) if len(r) != len(header)), None)
+    if bad is not None:
+        raise UserError(f'{path}: row {bad + 2} has {len(rows[bad])} fields, the header has {len(header)}')
+    cols = {h: np.array(c, dtype=object) for h, c in zip(header, zip(*rows))} if rows else {}
+    if not rows:
+        raise UserError(f'{path}: no rows')
+    index = {t: i for i, t in enumerate(cols['TEMPLATE_ID'])}
+    return cols, index
+
+
+def _codes(values, column, path):
+    """0/1 codes of a protected column; blank = unknown (-1)."""
+    out = np.full(len(values), -1, dtype=np.int64)
+    for code in (0, 1):
+        out[values == str(code)] = code
+    bad = (out < 0) & (values != '')
+    if bad.any():
+        raise UserError(f'{path}: {column} must be 0 or 1 (or blank), found {values[bad][0]!r}')
+    return out
+
+
+def _levels(values):
+    """Integer levels of a legitimate attribute: categories, or quartile bins when numeric with many values."""
+    present = values != ''
+    try:
+        numbers = np.where(present, values, 'nan').astype(np.float64)
+        numeric = True
+    except ValueError:
+        numeric = False
+    distinct = np.unique(values[present])
+    if numeric and len(distinct) > MAX_LEVELS:
+        edges = np.unique(np.nanquantile(numbers, np.linspace(0, 1, NUMERIC_BINS + 1)[1:-1]))
+        level = np.where(present, np.searchsorted(edges, numbers, side='right'), -1)
+        names = [f'<{edges[0]:g}'] + [f'{a:g}-{b:g}' for a, b in zip(edges[:-1], edges[1:])] + [f'>={edges[-1]:g}']
+        level = np.where(present, level, len(names))
+        return level, names + ['missing']
+    names = [str(v) for v in distinct]
+    lookup = {v: i for i, v in enumerate(distinct)}
+    level = np.array([lookup.get(v, len(names)) for v in values], dtype=np.int64)
+    return level, names + ['missing']
+
+
+def make_pairs(scores, labels, meta_rows1, meta_rows2, metadata, path='metadata'):
+    """`Pairs` from scores, labels and the metadata rows of both images of every pair."""
+    gender = _codes(metadata['GENDER'], 'GENDER', path)
+    skin = _codes(metadata['SKIN_COLOUR'], 'SKIN_COLOUR', path)
+    combo = np.where((gender >= 0) & (skin >= 0), skin * 2 + gender, -1)
+    groups = {}
+    for attr, codes in (('gender', gender), ('skin', skin), ('gender_skin', combo)):
+        a, b = codes[meta_rows1], codes[meta_rows2]
+        groups[attr] = np.where(a == b, a, -1)
+    legitimate = {}
+    for col in LEGITIMATE:
+        if col in metadata:
+            level, names = _levels(metadata[col])
+            if len(names) > 2:  # at least two real levels besides 'missing'
+                legitimate[col] = (level[meta_rows1], level[meta_rows2], names)
+    return Pairs(np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool), groups, legitimate)
+
+
+def load_pairs(predictions, ground_truth, metadata):
+    """Join predictions (TEMPLATE_ID1,TEMPLATE_ID2,SCORE), ground truth (...,LABEL) and metadata."""
+    p1, p2, scores, _ = read_pairs_csv(predictions, 'SCORE')
+    g1, g2, labels, _ = read_pairs_csv(ground_truth, 'LABEL')
+    if not np.isin(labels, (0, 1)).all():
+        raise UserError(f'{ground_truth}: LABEL must be 0 or 1')
+    if np.isnan(scores).any():
+        raise UserError(f'{predictions}: {int(np.isnan(scores).sum())} pairs have no score')
+    if not (len(p1) == len(g1) and (p1 == g1).all() and (p2 == g2).all()):
+        lookup = {(a, b): i for i, (a, b) in enumerate(zip(p1, p2))}
+        lookup.update({(b, a): i for (a, b), i in list(lookup.items()) if (b, a) not in lookup})
+        order = np.array([lookup.get((a, b), -1) for a, b in zip(g1, g2)], dtype=np.int64)
+        if (order < 0).any():
+            first = int(np.nonzero(order < 0)[0][0])
+            raise UserError(f'{predictions}: {int((order < 0).sum())} ground-truth pairs have no prediction '
+                            f'(first: {g1[first]},{g2[first]})')
+        scores = scores[order]
+    meta, index = _read_metadata(metadata)
+    rows1 = np.array([index.get(t, -1) for t in g1], dtype=np.int64)
+    rows2 = np.array([index.get(t, -1) for t in g2], dtype=np.int64)
+    if (rows1 < 0).any() or (rows2 < 0).any():
+        missing = sorted(set(g1[rows1 < 0]) | set(g2[rows2 < 0]))
+        raise UserError(f'{metadata}: no row for template ids {", ".join(missing[:20])}'
+                        + (f' ... ({len(missing)} in all)' if len(missing) > 20 else ''))
+    return make_pairs(scores, labels.astype(bool), rows1, rows2, meta, metadata)
+
+
+def tar_at_far(fpr, tpr, far):
+    """The best TPR with FPR <= far (no interpolation: an operating point that exists)."""
+    ok = fpr <= far
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def eer(scores, labels, roc=None):
+    """(equal error rate, its threshold): where FMR and FNMR cross on the ROC."""
+    fpr, tpr, thr = roc if roc is not None else roc_curve(labels, scores)
+    fnr = 1.0 - tpr
+    i = int(np.argmin(np.abs(fnr - fpr)))
+    return float((fpr[i] + fnr[i]) / 2.0), float(thr[i])
+
+
+def fmr_threshold(scores, labels, target=FMR_TARGET):
+    """The lowest threshold t (match = score >= t) whose FMR over all impostor pairs is <= target."""
+    neg = np.sort(scores[~labels])[::-1]
+    allowed = int(np.floor(target * len(neg)))
+    if allowed >= len(neg):
+        return float(neg[-1])
+    return float(np.nextafter(neg[allowed], np.inf))
+
+
+def normalised_ranks(scores):
+    """Ranks scaled to (0, 1) with mean 0.5 (ties share their average rank)."""
+    return (rankdata(scores) - 0.5) / len(scores)
+
+
+def _group_means(values, group, n_groups):
+    """Mean and count of `values` per group index (>= 0)."""
+    inside = group >= 0
+    count = np.bincount(group[inside], minlength=n_groups)
+    total = np.bincount(group[inside], weights=values[inside], minlength=n_groups)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return total / count, count
+
+
+def _spread(values, names, se=None):
+    """max - min over groups that have data, with the groups named and a standard error if given."""
+    ok = [i for i, v in enumerate(values) if np.isfinite(v)]
+    if len(ok) < 2:
+        return {'spread': None, 'high': None, 'low': None, 'se': None}
+    hi, lo = max(ok, key=lambda i: values[i]), min(ok, key=lambda i: values[i])
+    return {'spread': float(values[hi] - values[lo]), 'high': names[hi], 'low': names[lo],
+            'se': None if se is None else float(se(hi, lo))}
+
+
+def _design(pairs, mask, group, n_groups):
+    """Least-squares design: group one-hot (no intercept) + legitimate level counts (first level dropped)."""
+    blocks = [np.eye(n_groups, dtype=np.float32)[group[mask]]]
+    used = []
+    for col, (l1, l2, names) in pairs.legitimate.items():
+        n = len(names)
+        counts = np.zeros((int(mask.sum()), n), dtype=np.float32)
+        rows = np.arange(counts.shape[0])
+        counts[rows, l1[mask]] += 1.0  # one entry per row in each statement: no lost duplicates
+        counts[rows, l2[mask]] += 1.0
+        present = counts.sum(axis=0) > 0
+        keep = np.nonzero(present)[0][1:]  # drop the first present level: the reference
+        if len(keep):
+            blocks.append(counts[:, keep])
+            used.append(col)
+    return np.hstack(blocks), used
+
+
+def adjusted_group_effects(ranks, group, n_groups, pairs, mask):
+    """Group coefficients of `rank ~ group + legitimate attributes` and their covariance."""
+    inside = mask & (group >= 0)
+    present = np.bincount(group[inside], minlength=n_groups) > 0
+    remap = np.cumsum(present) - 1
+    X, used = _design(pairs, inside, remap[group], int(present.sum()))
+    y = ranks[inside]
+    # Normal equations: the design is a few dozen indicator columns, so X'X is small and well scaled.
+    xtx_inv = np.linalg.pinv((X.T @ X).astype(np.float64))
+    coef = xtx_inv @ (X.T @ y.astype(np.float32)).astype(np.float64)
+    resid = y - (X @ coef.astype(np.float32)).astype(np.float64)
+    dof = max(len(y) - X.shape[1], 1)
+    sigma2 = float(resid @ resid) / dof
+    cov = sigma2 * xtx_inv
+    k = int(present.sum())
+    effects = np.full(n_groups, np.nan)
+    effects[present] = coef[:k]
+    full_cov = np.full((n_groups, n_groups), np.nan)
+    idx = np.nonzero(present)[0]
+    full_cov[np.ix_(idx, idx)] = cov[:k, :k]
+    return effects, full_cov, used
+
+
+def _polarity_ranks(pairs, positive):
+    """Normalised ranks of the pairs of one polarity (0 elsewhere)."""
+    mask = pairs.labels == positive
+    ranks = np.zeros(len(pairs.scores))
+    if mask.any():
+        ranks[mask] = normalised_ranks(pairs.scores[mask])
+    return ranks
+
+
+def _polarity_bias(pairs, attr, positive, ranks):
+    """(a) rank spread and (b) adjusted spread for one attribute on the positive or the negative pairs."""
+    names = ATTRIBUTES[attr]
+    mask = pairs.labels == positive
+    group = np.where(mask, pairs.groups[attr], -1)
+    means, counts = _group_means(ranks, group, len(names))
+    # Under exchangeable groups a mean of n uniform ranks has variance 1/(12 n).
+    rank_se = lambda i, j: np.sqrt(1.0 / (12 * counts[i]) + 1.0 / (12 * counts[j]))
+    out = {'pairs': {n: int(c) for n, c in zip(names, counts)},
+           'mean_rank': {n: (None if not np.isfinite(m) else float(m)) for n, m in zip(names, means)},
+           'rank': _spread(means, names, rank_se)}
+    if (counts > 0).sum() >= 2:
+        effects, cov, used = adjusted_group_effects(ranks, group, len(names), pairs, mask)
+        adj_se = lambda i, j: np.sqrt(max(cov[i, i] + cov[j, j] - 2 * cov[i, j], 0.0))
+        centred = effects - np.nanmean(effects)
+        out['adjusted_effect'] = {n: (None if not np.isfinite(e) else float(e)) for n, e in zip(names, centred)}
+        out['adjusted'] = _spread(centred, names, adj_se)
+        out['adjusted']['legitimate'] = used
+    else:
+        out['adjusted_effect'] = {n: None for n in names}
+        out['adjusted'] = _spread([], names)
+    return out
+
+
+def _ratio(values):
+    vals = [v for v in values if v is not None]
+    if len(vals) < 2:
+        return None
+    return None if min(vals) == 0 else float(max(vals) / min(vals))
+
+
+def _error_rates(pairs, attr, threshold):
+    """(c) per-group FMR and FNMR at a global threshold (match = score >= threshold)."""
+    names = ATTRIBUTES[attr]
+    match = pairs.scores >= threshold
+    group = pairs.groups[attr]
+    fm, n_neg = _group_means(match.astype(float), np.where(~pairs.labels, group, -1), len(names))
+    fnm, n_pos = _group_means((~match).astype(float), np.where(pairs.labels, group, -1), len(names))
+    fmr = [None if c == 0 else float(v) for v, c in zip(fm, n_neg)]
+    fnmr = [None if c == 0 else float(v) for v, c in zip(fnm, n_pos)]
+    return {'threshold': float(threshold),
+            'fmr': dict(zip(names, fmr)), 'fnmr': dict(zip(names, fnmr)),
+            'fmr_ratio': _ratio(fmr), 'fnmr_ratio': _ratio(fnmr),
+            'fmr_diff': _spread([np.nan if v is None else v for v in fmr], names)['spread'],
+            'fnmr_diff': _spread([np.nan if v is None else v for v in fnmr], names)['spread']}
+
+
+def group_roc(pairs, attr):
+    """{group: (fpr, tpr, auc)} for the groups holding both positive and negative pairs."""
+    out = {}
+    for g, name in enumerate(ATTRIBUTES[attr]):
+        m = pairs.groups[attr] == g
+        if m.any() and 0 < pairs.labels[m].sum() < m.sum():
+            fpr, tpr, _ = roc_curve(pairs.labels[m], pairs.scores[m])
+            out[name] = (fpr, tpr, float(auc(fpr, tpr)))
+    return out
+
+
+def evaluate_pairs(pairs):
+    """Every accuracy and bias number of the report, as a JSON-ready dict."""
+    labels, scores = pairs.labels, pairs.scores
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise UserError(f'ground truth: need positive and negative pairs (got {n_pos} and {n_neg})')
+    roc = roc_curve(labels, scores)
+    fpr, tpr, _ = roc
+    eer_value, eer_thr = eer(scores, labels, roc)
+    thresholds = {'fmr_1e-3': fmr_threshold(scores, labels), 'eer': eer_thr}
+    result = {
+        'pairs': {'total': len(scores), 'positive': n_pos, 'negative': n_neg},
+        'accuracy': {'auc': float(auc(fpr, tpr)),
+                     'tar_at_far': {f'{f:.0e}': tar_at_far(fpr, tpr, f) for f in FAR_TARGETS},
+                     'eer': eer_value, 'thresholds': thresholds},
+        'bias': {}, 'group_auc': {}, 'mixed_pairs': {},
+    }
+    ranks = {True: _polarity_ranks(pairs, True), False: _polarity_ranks(pairs, False)}
+    for attr in ATTRIBUTES:
+        result['group_auc'][attr] = {g: v[2] for g, v in group_roc(pairs, attr).items()}
+        result['mixed_pairs'][attr] = int((pairs.groups[attr] < 0).sum())
+        result['bias'][attr] = {
+            'positive': _polarity_bias(pairs, attr, True, ranks[True]),
+            'negative': _polarity_bias(pairs, attr, False, ranks[False]),
+            'error_rates': {name: _error_rates(pairs, attr, t) for name, t in thresholds.items()},
+        }
+    result['worst_group'] = worst_group(result)
+    return result
+
+
+def worst_group(result, attr='gender_skin'):
+    """The most disadvantaged group of `attr`: highest impostor scores and lowest genuine scores.
+
+    Badness = effect on negative pairs - effect on positive pairs, using the adjusted effects (b) when
+    they exist, else the mean ranks (a). Returns the group name (see GROUP_CODES) or None.
+    """
+    bias = result['bias'][attr]
+    def effect(polarity):
+        adj = bias[polarity]['adjusted_effect']
+        if any(v is not None for v in adj.values()):
+            return adj
+        return bias[polarity]['mean_rank']
+    neg, pos = effect('negative'), effect('positive')
+    badness = {g: neg[g] - pos[g] for g in ATTRIBUTES[attr] if neg.get(g) is not None and pos.get(g) is not None}
+    return max(badness, key=badness.get) if badness else None
+
+
+def evaluate_predictions(predictions, ground_truth, metadata):
+    """The report dict for a predictions CSV, its ground truth and the image metadata (all paths)."""
+    return evaluate_pairs(load_pairs(predictions, ground_truth, metadata))

@@ -1,0 +1,272 @@
+"""One model loader for every tool: any MXNet checkpoint, an inner layer, colour order, input scaling.
+
+Loading follows insightface's deploy code: `mx.model.load_checkpoint` -> `sym.get_internals()[layer]`
+-> `mx.mod.Module(label_names=None)`; parameters the cut graph does not use (fc7_weight) are ignored.
+Images enter as RGB 0..255 (the project convention); `bgr` and `input_scale` adapt them for models
+trained otherwise. A model folder (`final_eval_models/<name>/`) holds the checkpoint and `model.json`.
+"""
+import collections
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+from sklearn.preprocessing import normalize
+
+from recognition.utils import UserError
+
+INPUT_SCALES = ('raw', 'normalized', 'unit')
+MODEL_JSON_KEYS = {'prefix', 'epoch', 'layer', 'color', 'input_scale'}
+
+
+class Embedder:
+    """A bound inference module that turns face crops into embeddings."""
+
+    def __init__(self, sym, arg_params, aux_params, ctx, bgr=False, input_scale='raw', batch_size=64,
+                 name=''):
+        import mxnet as mx
+        if input_scale not in INPUT_SCALES:
+            raise UserError(f'{name or "model"}: input_scale {input_scale!r} is not one of {INPUT_SCALES}')
+        if 'data' not in sym.list_arguments():
+            raise UserError(f'{name or "model"}: the symbol has no input named "data"')
+        self.ctx = ctx if isinstance(ctx, (list, tuple)) else [ctx]
+        self.sym, self.arg_params, self.aux_params = sym, arg_params, aux_params
+        self.bgr, self.input_scale, self.name = bgr, input_scale, name
+        self.batch_size = max(int(batch_size), len(self.ctx))
+        self._module = None
+        self._shape = None
+        self._mx = mx
+
+    def _bind(self, height, width):
+        mx = self._mx
+        mod = mx.mod.Module(symbol=self.sym, context=list(self.ctx), label_names=None)
+        # MXNet 1.9.1's MKLDNN subgraph fusion breaks every forward after the first on MobileFaceNet
+        # graphs ("We can't generate TBlob for MKLDNN data"): bind without it unless the user chose one.
+        user_choice = 'MXNET_SUBGRAPH_BACKEND' in os.environ
+        if not user_choice:
+            os.environ['MXNET_SUBGRAPH_BACKEND'] = 'NONE'
+        try:
+            mod.bind(data_shapes=[('data', (self.batch_size, 3, height, width))], for_training=False)
+        finally:
+            if not user_choice:
+                del os.environ['MXNET_SUBGRAPH_BACKEND']
+        try:
+            mod.set_params(self.arg_params, self.aux_params, allow_missing=False, allow_extra=True)
+        except (RuntimeError, ValueError, mx.base.MXNetError) as e:
+            raise UserError(f'{self.name or "model"}: parameters do not fit the symbol at input '
+                            f'{height}x{width}: {_last_line(e)}') from None
+        self._module, self._shape = mod, (height, width)
+
+    def _prepare(self, batch):
+        """RGB 0..255 NCHW -> what the network expects."""
+        nd = self._mx.nd
+        x = batch if isinstance(batch, nd.NDArray) else nd.array(np.asarray(batch, dtype=np.float32))
+        if self.bgr:
+            x = nd.flip(x, axis=1)
+        if self.input_scale == 'normalized':
+            x = (x - 127.5) * 0.0078125
+        elif self.input_scale == 'unit':
+            x = x / 255.0
+        return x
+
+    def forward(self, batch):
+        """Raw embeddings of an NCHW float32 RGB 0..255 batch (NDArray or numpy), any batch length.
+
+        This is the `embed_fn` of `verification.test_bin`.
+        """
+        n, _, h, w = batch.shape
+        if self._module is None or self._shape != (h, w):
+            self._bind(h, w)
+        outs = []
+        for lo in range(0, n, self.batch_size):
+            x = self._prepare(batch[lo:lo + self.batch_size])
+            m = x.shape[0]
+            if m < self.batch_size:
+                pad = self._mx.nd.zeros((self.batch_size - m,) + tuple(x.shape[1:]), dtype=x.dtype)
+                x = self._mx.nd.concat(x, pad, dim=0)
+            self._module.forward(self._mx.io.DataBatch(data=[x]), is_train=False)
+            out = self._module.get_outputs()[0].asnumpy()
+            outs.append(out.reshape(out.shape[0], -1)[:m])
+        return np.concatenate(outs, axis=0)
+
+    def embed(self, images, flip=True, normalized=True):
+        """Embeddings of N x H x W x 3 uint8 RGB crops or N x 3 x H x W float arrays.
+
+        flip=True adds the raw embedding of the mirrored crop before L2 (insightface's flip TTA).
+        """
+        images = np.asarray(images)
+        nchw = to_nchw(images)
+        out = None
+        for lo in range(0, len(nchw), self.batch_size):
+            x = nchw[lo:lo + self.batch_size].astype(np.float32)
+            emb = self.forward(x)
+            if flip:
+                emb = emb + self.forward(np.ascontiguousarray(x[:, :, :, ::-1]))
+            if out is None:
+                out = np.empty((len(nchw), emb.shape[1]), dtype=np.float32)
+            out[lo:lo + len(x)] = emb
+        if out is None:
+            raise UserError(f'{self.name or "model"}: no images to embed')
+        return normalize(out) if normalized else out
+
+
+def _last_line(error):
+    """The informative line of an MXNet error (its message ends with the failed check)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def to_nchw(images):
+    """N x H x W x 3 (or N x 3 x H x W) -> N x 3 x H x W view."""
+    if images.ndim != 4:
+        raise ValueError(f'expected a 4-d image batch, got shape {images.shape}')
+    if images.shape[1] == 3 and images.shape[-1] != 3:
+        return images
+    if images.shape[-1] == 3:
+        return images.transpose(0, 3, 1, 2)
+    raise ValueError(f'expected N x H x W x 3 or N x 3 x H x W, got shape {images.shape}')
+
+
+def load_embedder(prefix, epoch, layer='fc1_output', ctx=None, bgr=False, input_scale='raw', batch_size=64,
+                  name=None):
+    """An `Embedder` over `prefix-symbol.json` / `prefix-%04d.params`, cut at `layer`."""
+    import mxnet as mx
+    for path in (f'{prefix}-symbol.json', '%s-%04d.params' % (prefix, int(epoch))):
+        if not os.path.isfile(path):
+            raise UserError(f'{path}: checkpoint file not found')
+    try:
+        sym, arg_params, aux_params = mx.model.load_checkpoint(prefix, int(epoch))
+    except mx.base.MXNetError as e:
+        raise UserError(f'{prefix}-{int(epoch):04d}: cannot load checkpoint: {_last_line(e)}') from None
+    internals = sym.get_internals()
+    outputs = internals.list_outputs()
+    if layer not in outputs:
+        hint = ', '.join(o for o in outputs if o.startswith('fc') or o.endswith('embedding_output'))[:200]
+        raise UserError(f'{prefix}-symbol.json: no layer {layer!r} (candidates: {hint or outputs[-1]})')
+    ctx = ctx or [mx.cpu()]
+    return Embedder(internals[layer], arg_params, aux_params, ctx, bgr=bgr, input_scale=input_scale,
+                    batch_size=batch_size, name=name or f'{prefix},{int(epoch)}')
+
+
+def parse_model_ref(ref):
+    """insightface's `prefix,epoch[|epoch2...]` -> (prefix, [epochs])."""
+    prefix, sep, epochs = ref.rpartition(',')
+    try:
+        if not sep or not prefix:
+            raise ValueError
+        return prefix, [int(e) for e in epochs.split('|')]
+    except ValueError:
+        raise UserError(f'--model {ref!r}: expected prefix,epoch[|epoch2...]') from None
+
+
+def read_model_json(path):
+    """The validated `model.json` of a model folder, with defaults filled in."""
+    meta_path = os.path.join(path, 'model.json')
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except OSError:
+        raise UserError(f'{meta_path}: not found (a model folder needs model.json)') from None
+    except json.JSONDecodeError as e:
+        raise UserError(f'{meta_path}: invalid JSON: {e}') from None
+    if not isinstance(meta, dict):
+        raise UserError(f'{meta_path}: expected a JSON object')
+    unknown = set(meta) - MODEL_JSON_KEYS
+    if unknown:
+        raise UserError(f'{meta_path}: unknown keys {sorted(unknown)} (allowed: {sorted(MODEL_JSON_KEYS)})')
+    meta = {'prefix': 'model', 'layer': 'fc1_output', 'color': 'rgb', 'input_scale': 'raw', **meta}
+    if 'epoch' not in meta or not isinstance(meta['epoch'], int):
+        raise UserError(f'{meta_path}: "epoch" must be an integer')
+    if meta['color'] not in ('rgb', 'bgr'):
+        raise UserError(f'{meta_path}: "color" must be "rgb" or "bgr"')
+    if meta['input_scale'] not in INPUT_SCALES:
+        raise UserError(f'{meta_path}: "input_scale" must be one of {INPUT_SCALES}')
+    return meta
+
+
+def load_model_dir(path, ctx=None, batch_size=64):
+    """The `Embedder` of a model folder (`model-symbol.json`, `model-NNNN.params`, `model.json`)."""
+    meta = read_model_json(path)
+    return load_embedder(os.path.join(path, meta['prefix']), meta['epoch'], layer=meta['layer'], ctx=ctx,
+                         bgr=meta['color'] == 'bgr', input_scale=meta['input_scale'], batch_size=batch_size,
+                         name=os.path.basename(os.path.normpath(path)))
+
+
+def find_model_dirs(spec):
+    """Model folders from `final_eval_models` (every sub-folder with model.json) or `dir1,dir2,...`."""
+    found = []
+    for part in [p for p in spec.split(',') if p]:
+        if os.path.isfile(os.path.join(part, 'model.json')):
+            found.append(part)
+        elif os.path.isdir(part):
+            subs = sorted(os.path.join(part, d) for d in os.listdir(part)
+                          if os.path.isfile(os.path.join(part, d, 'model.json')))
+            if not subs:
+                raise UserError(f'{part}: no model folders (sub-folders with model.json) inside')
+            found.extend(subs)
+        else:
+            raise UserError(f'{part}: model folder not found')
+    if not found:
+        raise UserError(f'--models {spec!r}: no model folders given')
+    return found
+
+
+def read_image(path, image_size=112):
+    """An aligned face crop as H x W x 3 uint8 RGB, resized to image_size if it is not already."""
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise UserError(f'{path}: cannot read image')
+    if img.shape[0] != image_size or img.shape[1] != image_size:
+        img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def extract_features(embedders, paths, batch_size=64, image_size=112, flip=True, progress=False, workers=2):
+    """L2-normalised features of every image for every model: a list of N x D_m arrays.
+
+    Each image is decoded once (threads overlap decoding with the forward passes) and fed to all models.
+    """
+    from tqdm import tqdm
+    if not paths:
+        raise UserError('no images to extract features from')
+    feats = [[] for _ in embedders]
+    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        bar = tqdm(total=len(paths), unit='img', disable=not progress, desc='features')
+        for images in _prefetch(pool, lambda chunk: np.stack([read_image(p, image_size) for p in chunk]),
+                                chunks, depth=2 * max(1, workers)):
+            for m, embedder in enumerate(embedders):
+                feats[m].append(embedder.embed(images, flip=flip))
+            bar.update(len(images))
+        bar.close()
+    return [np.concatenate(f, axis=0) for f in feats]
+
+
+def _prefetch(pool, fn, items, depth):
+    """`map(fn, items)` on a thread pool with at most `depth` results waiting (bounded memory)."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+
+
+def list_images(folder):
+    """{file stem: path} of the images directly inside `folder` (template ids are file stems)."""
+    if not os.path.isdir(folder):
+        raise UserError(f'{folder}: image folder not found')
+    images = {}
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if stem in images:
+            raise UserError(f'{folder}: two images named {stem} ({os.path.basename(images[stem])}, {name})')
+        images[stem] = os.path.join(folder, name)
+    return images

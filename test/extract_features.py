@@ -1,0 +1,85 @@
+"""Features of an image folder or list for one or more models: OUT/<model>.npy rows in OUT/index.txt order.
+
+Images must be aligned crops. Features are L2-normalised, with flip TTA unless --no-flip.
+    python test/extract_features.py --images aligned/ --models final_eval_models --out features/
+    python test/extract_features.py --list images.txt --model models/x/model,3 --out features/
+"""
+import argparse
+import os
+
+import numpy as np
+
+from recognition.inference import (IMAGE_EXTENSIONS, INPUT_SCALES, extract_features, find_model_dirs,
+                                   load_embedder, load_model_dir, parse_model_ref)
+from recognition.utils import UserError, atomic_open, atomic_path, parse_contexts, run_cli
+
+
+def image_paths(args):
+    """Image paths from --list (one per line, relative to the list's folder) or --images (recursive)."""
+    if args.list:
+        base = os.path.dirname(os.path.abspath(args.list))
+        try:
+            with open(args.list) as f:
+                names = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise UserError(f'{args.list}: cannot read ({e.strerror})') from None
+        return [n if os.path.isabs(n) else os.path.join(base, n) for n in names]
+    if not os.path.isdir(args.images):
+        raise UserError(f'{args.images}: image folder not found')
+    found = []
+    for root, dirs, files in os.walk(args.images):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return found
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument('--images', help='folder of aligned crops (searched recursively)')
+    src.add_argument('--list', help='text file with one image path per line')
+    p.add_argument('--models', default='', help='model folder(s) with model.json, as for test/predict.py')
+    p.add_argument('--model', action='append', default=[], help='prefix,epoch (repeatable)')
+    p.add_argument('--layer', default='fc1_output', help='layer for --model checkpoints')
+    p.add_argument('--bgr', action='store_true', help='--model checkpoints were trained on BGR')
+    p.add_argument('--input-scale', default='raw', choices=INPUT_SCALES)
+    p.add_argument('--out', required=True, help='output folder')
+    p.add_argument('--image-size', type=int, default=112)
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--no-flip', action='store_true')
+    p.add_argument('--gpus', default='')
+    p.add_argument('--ctx', default='')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = parse_contexts(args.gpus, args.ctx)
+    embedders = [load_model_dir(d, ctx=ctx, batch_size=args.batch_size)
+                 for d in (find_model_dirs(args.models) if args.models else [])]
+    for ref in args.model:
+        prefix, epochs = parse_model_ref(ref)
+        embedders += [load_embedder(prefix, e, layer=args.layer, ctx=ctx, bgr=args.bgr,
+                                    input_scale=args.input_scale, batch_size=args.batch_size,
+                                    name=f'{os.path.basename(prefix)}-{e:04d}') for e in epochs]
+    if not embedders:
+        raise UserError('no model: pass --models and/or --model')
+    names = [e.name for e in embedders]
+    if len(set(names)) != len(names):
+        raise UserError(f'models with the same name {names}: their .npy files would collide')
+    paths = image_paths(args)
+    feats = extract_features(embedders, paths, args.batch_size, args.image_size, flip=not args.no_flip,
+                             progress=True)
+    os.makedirs(args.out, exist_ok=True)
+    for name, f in zip(names, feats):
+        with atomic_path(os.path.join(args.out, f'{name}.npy')) as tmp:
+            with open(tmp, 'wb') as fh:
+                np.save(fh, f)
+        print(f'{name}: {f.shape[0]} x {f.shape[1]}')
+    with atomic_open(os.path.join(args.out, 'index.txt')) as f:
+        f.write(''.join(p + '\n' for p in paths))
+    print(f'wrote {len(names)} feature files and index.txt to {args.out}')
+
+
+if __name__ == '__main__':
+    run_cli(main)

@@ -1,0 +1,82 @@
+"""FairFace-style predictions: align the test photos, embed them with every model, score the template's
+pairs (flip TTA, fusion, optional re-ranking and gap-cut) and write TEMPLATE_ID1,TEMPLATE_ID2,SCORE.
+
+    python test/predict.py --images datasets/demo_fairface/test/images \\
+        --landmarks datasets/demo_fairface/test/landmarks.txt \\
+        --template datasets/demo_fairface/test/predictions.csv --models final_eval_models --out predictions.csv
+"""
+import argparse
+import os
+import sys
+
+from recognition.evaluation.ensemble import FUSIONS, predict
+from recognition.inference import find_model_dirs, list_images, load_model_dir
+from recognition.utils import UserError, parse_contexts, run_cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--images', required=True, help='folder of test photos named <TEMPLATE_ID>.<ext>')
+    p.add_argument('--template', required=True, help='the pair template (TEMPLATE_ID1,TEMPLATE_ID2,SCORE)')
+    p.add_argument('--models', default='final_eval_models',
+                   help='a folder of model folders, or comma-separated model folders (each with model.json)')
+    p.add_argument('--out', required=True, help='predictions CSV to write')
+    p.add_argument('--landmarks', default='', help='"<file> x1 y1 ... x5 y5" lines: align with these points')
+    p.add_argument('--aligned-dir', default='', help='where aligned crops go (default: <out dir>/aligned)')
+    p.add_argument('--already-aligned', action='store_true', help='--images holds aligned 112x112 crops')
+    p.add_argument('--fusion', default='mean', choices=FUSIONS,
+                   help='mean of cosines | cosine of concatenated features | switch to the hard-sample model')
+    p.add_argument('--switch-model', default='',
+                   help='model folder name of the hard-sample model for --fusion switch '
+                        '(default: the first name containing "hard")')
+    p.add_argument('--switch-threshold', type=float, default=0.99)
+    p.add_argument('--rerank', action='store_true', help='k-NN re-ranking over the pair list')
+    p.add_argument('--rerank-k', type=int, default=20)
+    p.add_argument('--gap-cut', action='store_true', help="the seed's per-image gap-cut adjustment")
+    p.add_argument('--missing-score', type=float, default=None,
+                   help='score for pairs whose image is missing (default: missing images are an error)')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--workers', type=int, default=1, help='alignment worker processes')
+    p.add_argument('--gpus', default='')
+    p.add_argument('--ctx', default='')
+    return p.parse_args(argv)
+
+
+def align(args):
+    """Aligned crops of --images in --aligned-dir (existing crops are reused); returns that folder.
+
+    Images listed in --landmarks are warped from their points; the others go through MTCNN and the
+    alignment module's fallbacks.
+    """
+    from recognition.align import align_folder
+    out_dir = args.aligned_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'aligned')
+    align_folder(args.images, out_dir, image_size=112, landmarks=args.landmarks or None,
+                 num_workers=args.workers, skip_existing=True)
+    return out_dir
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model_dirs = find_model_dirs(args.models)
+    ctx = parse_contexts(args.gpus, args.ctx)
+    embedders = [load_model_dir(d, ctx=ctx, batch_size=args.batch_size) for d in model_dirs]
+    names = [e.name for e in embedders]
+    switch_model = args.switch_model
+    if args.fusion == 'switch' and not switch_model:
+        switch_model = next((n for n in names if 'hard' in n), '')
+        if not switch_model:
+            raise UserError(f'--fusion switch: no model name contains "hard" in {names}; pass --switch-model')
+    image_dir = args.images if args.already_aligned else align(args)
+    print(f'models: {", ".join(names)}; images: {image_dir}', flush=True)
+    summary = predict(args.template, list_images(image_dir), embedders, args.out,
+                      missing_score=args.missing_score, batch_size=args.batch_size, progress=True,
+                      fusion=args.fusion, switch_model=switch_model, switch_threshold=args.switch_threshold,
+                      rerank=args.rerank, k=args.rerank_k, gap=args.gap_cut)
+    if summary['missing']:
+        print(f'warning: {len(summary["missing"])} template ids without an image; '
+              f'{summary["missing_pairs"]} pairs scored {args.missing_score}', file=sys.stderr)
+    print(f'wrote {args.out}: {summary["pairs"]} pairs over {summary["images"]} images', flush=True)
+
+
+if __name__ == '__main__':
+    run_cli(main)

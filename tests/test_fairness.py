@@ -1,0 +1,140 @@
+"""Each bias measure finds a bias planted in synthetic scores, and none for exchangeable groups."""
+import numpy as np
+import pytest
+
+from recognition.evaluation.fairness import (eer, evaluate_pairs, evaluate_predictions, fmr_threshold,
+                                             make_pairs, worst_group)
+from recognition.utils import UserError
+
+
+def synthetic(seed=0, n_images=3000, n_pairs=30000, plant=None, glasses_effect=0.0):
+    """Images with random gender/skin/age/glasses; pairs mostly inside one gender x skin group.
+
+    plant: (group code skin*2+gender, polarity, shift) added to the scores of that group's pairs.
+    glasses_effect: added to impostor scores per image with glasses (glasses are commoner on dark skin).
+    """
+    rng = np.random.RandomState(seed)
+    gender = rng.randint(0, 2, n_images)
+    skin = rng.randint(0, 2, n_images)
+    glasses = (rng.rand(n_images) < np.where(skin == 1, 0.8, 0.1)).astype(int)
+    meta = {'TEMPLATE_ID': np.array([str(i) for i in range(n_images)], dtype=object),
+            'GENDER': np.array([str(v) for v in gender], dtype=object),
+            'SKIN_COLOUR': np.array([str(v) for v in skin], dtype=object),
+            'GLASSES': np.array([str(v) for v in glasses], dtype=object),
+            'AGE': np.array([str(v) for v in rng.randint(18, 80, n_images)], dtype=object)}
+    combo = skin * 2 + gender
+    a = rng.randint(0, n_images, n_pairs)
+    by_group = [np.nonzero(combo == g)[0] for g in range(4)]
+    sizes = np.array([len(g) for g in by_group])
+    same_group = np.concatenate(by_group)[np.cumsum(np.r_[0, sizes[:-1]])[combo[a]]
+                                          + (rng.rand(n_pairs) * sizes[combo[a]]).astype(int)]
+    b = np.where(rng.rand(n_pairs) < 0.9, same_group, rng.randint(0, n_images, n_pairs))
+    labels = rng.rand(n_pairs) < 0.5
+    scores = np.where(labels, 0.6, 0.1) + 0.15 * rng.randn(n_pairs)
+    if plant:
+        code, positive, shift = plant
+        scores += shift * ((combo[a] == code) & (combo[b] == code) & (labels == positive))
+    scores += glasses_effect * (glasses[a] + glasses[b]) * ~labels
+    return make_pairs(scores, labels, a, b, meta)
+
+
+def within_noise(block):
+    return block['spread'] < 4 * block['se']
+
+
+def test_exchangeable_groups_show_no_bias():
+    r = evaluate_pairs(synthetic(seed=1))
+    for attr in ('gender', 'skin', 'gender_skin'):
+        for polarity in ('positive', 'negative'):
+            assert within_noise(r['bias'][attr][polarity]['rank']), (attr, polarity)
+            assert within_noise(r['bias'][attr][polarity]['adjusted']), (attr, polarity)
+        rates = r['bias'][attr]['error_rates']['eer']
+        assert max(rates['fmr'].values()) / min(rates['fmr'].values()) < 1.6
+        assert max(rates['fnmr'].values()) / min(rates['fnmr'].values()) < 1.6
+    assert r['mixed_pairs']['gender_skin'] > 0
+
+
+def test_planted_impostor_bias_is_found_by_every_measure():
+    # Impostor pairs of dark females score higher (the challenge's top-10 finding).
+    r = evaluate_pairs(synthetic(seed=2, plant=(2, False, 0.2)))
+    neg = r['bias']['gender_skin']['negative']
+    assert neg['rank']['high'] == 'dark_female' and neg['rank']['spread'] > 10 * neg['rank']['se']
+    assert neg['adjusted']['high'] == 'dark_female' and neg['adjusted']['spread'] > 10 * neg['adjusted']['se']
+    assert within_noise(r['bias']['gender_skin']['positive']['rank'])  # genuine pairs untouched
+    rates = r['bias']['gender_skin']['error_rates']['eer']
+    assert max(rates['fmr'], key=rates['fmr'].get) == 'dark_female' and rates['fmr_ratio'] > 3
+    assert r['worst_group'] == 'dark_female' == worst_group(r)
+    # The single attributes see it too, diluted: dark vs light, female vs male.
+    assert r['bias']['skin']['negative']['rank']['high'] == 'dark'
+    assert r['bias']['gender']['negative']['rank']['high'] == 'female'
+
+
+def test_planted_genuine_bias_on_positive_pairs():
+    r = evaluate_pairs(synthetic(seed=3, plant=(1, True, -0.2)))  # light males' genuine pairs score lower
+    pos = r['bias']['gender_skin']['positive']
+    assert pos['rank']['low'] == 'light_male' and pos['rank']['spread'] > 10 * pos['rank']['se']
+    rates = r['bias']['gender_skin']['error_rates']['eer']
+    assert max(rates['fnmr'], key=rates['fnmr'].get) == 'light_male' and rates['fnmr_ratio'] > 3
+    assert within_noise(r['bias']['gender_skin']['negative']['rank'])
+    assert r['worst_group'] == 'light_male'
+
+
+def test_adjustment_removes_bias_explained_by_a_legitimate_attribute():
+    # Impostor scores depend on glasses only; glasses are commoner on dark skin.
+    r = evaluate_pairs(synthetic(seed=4, glasses_effect=0.1))
+    neg = r['bias']['skin']['negative']
+    assert neg['rank']['high'] == 'dark' and neg['rank']['spread'] > 10 * neg['rank']['se']
+    assert within_noise(neg['adjusted'])
+    assert 'GLASSES' in neg['adjusted']['legitimate']
+
+
+def test_accuracy_numbers():
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+    scores = np.array([0.9, 0.8, 0.7, 0.2, 0.75, 0.3, 0.1, 0.0])
+    e, t = eer(scores, labels)
+    assert e == pytest.approx(0.25) and t == pytest.approx(0.7)
+    t = fmr_threshold(scores, labels, 1e-3)  # no impostor may pass: just above the best impostor
+    assert t > 0.75 and not (scores[~labels] >= t).any()
+
+
+def test_csv_join_order_and_missing_metadata(tmp_path):
+    meta = tmp_path / 'metadata.csv'
+    meta.write_text('TEMPLATE_ID,SUBJECT_ID,AGE,SKIN_COLOUR,GENDER,HEAD_POSE,SOURCE,GLASSES,BOUNDING_BOX_SIZE\n'
+                    + ''.join(f'{i},{i // 2},{20 + i},{i % 2},{(i // 2) % 2},0,0,0,{100 + i}\n' for i in range(8)))
+    gt = tmp_path / 'gt.csv'
+    pairs = [(0, 1, 1), (2, 3, 1), (4, 5, 1), (6, 7, 1), (0, 2, 0), (1, 3, 0), (4, 6, 0), (5, 7, 0)]
+    gt.write_text('TEMPLATE_ID1,TEMPLATE_ID2,LABEL\n' + ''.join(f'{a},{b},{l}\n' for a, b, l in pairs))
+    pred = tmp_path / 'pred.csv'
+    score = {(a, b): 0.9 - 0.01 * k if l else 0.1 + 0.01 * k for k, (a, b, l) in enumerate(pairs)}
+    # Another order, one pair with its ids swapped.
+    rows = [(b, a) if (a, b) == (4, 6) else (a, b) for a, b, _ in reversed(pairs)]
+    pred.write_text('TEMPLATE_ID1,TEMPLATE_ID2,SCORE\n'
+                    + ''.join(f'{a},{b},{score.get((a, b), score.get((b, a)))}\n' for a, b in rows))
+    r = evaluate_predictions(str(pred), str(gt), str(meta))
+    assert r['accuracy']['auc'] == pytest.approx(1.0)
+    assert r['pairs'] == {'total': 8, 'positive': 4, 'negative': 4}
+    meta.write_text('TEMPLATE_ID,GENDER,SKIN_COLOUR\n0,0,0\n')
+    with pytest.raises(UserError, match='no row for template ids 1, 2'):
+        evaluate_predictions(str(pred), str(gt), str(meta))
+    pred.write_text('TEMPLATE_ID1,TEMPLATE_ID2,SCORE\n0,1,0.5\n')
+    with pytest.raises(UserError, match='7 ground-truth pairs have no prediction'):
+        evaluate_predictions(str(pred), str(gt), str(meta))
+
+
+def test_report_files(tmp_path):
+    import importlib.util
+    import json
+    import os
+    from recognition.evaluation.report import summary_text, write_report
+    pairs = synthetic(seed=5, n_images=400, n_pairs=3000, plant=(2, False, 0.2))
+    result = evaluate_pairs(pairs)
+    paths = write_report(pairs, result, str(tmp_path / 'report'))
+    saved = json.loads(open(paths['json']).read())
+    assert saved['worst_group'] == 'dark_female'
+    assert saved['accuracy']['auc'] == pytest.approx(result['accuracy']['auc'])
+    page = open(paths['html']).read()
+    assert page.count('data:image/png;base64,') == len(paths['plots']) == 7
+    assert '<img src="roc.png"' not in page and 'dark_female' in page
+    assert '![' in open(paths['md']).read()
+    assert not [f for f in os.listdir(tmp_path / 'report') if f.endswith('.tmp')]
+    assert 'AUC-ROC' in summary_text(result)
