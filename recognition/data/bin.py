@@ -1,0 +1,86 @@
+"""insightface `.bin` verification sets: `pickle((bins, issame_list))`, encoded images in pairs.
+
+insightface loads them with a plain `pickle.load`, which runs whatever code the file names; here a
+restricted unpickler accepts only what the format needs (containers, bytes, bools, numpy arrays
+and scalars, as files written by Python 2 or 3 hold) and refuses anything else.
+"""
+import io
+import os
+import pickle
+
+import cv2
+import numpy as np
+
+from recognition.utils import UserError, atomic_open
+
+# Globals a .bin may reference: numpy array/scalar reconstruction (numpy 1.x and 2.x module names)
+# and the codec Python 3 uses to pickle bytes with protocols < 3.
+_ALLOWED = {
+    ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+    ('numpy', 'ndarray'), ('numpy', 'dtype'),
+    ('_codecs', 'encode'),
+    ('builtins', 'bytearray'), ('__builtin__', 'bytearray'),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f'refusing {module}.{name}')
+
+
+def write_bin(path, bins, issame_list):
+    """Write a .bin atomically; `bins` are 2*P encoded images (bytes or uint8 arrays), in pairs."""
+    bins = [bytes(b) if not isinstance(b, np.ndarray) else b.tobytes() for b in bins]
+    issame_list = [bool(s) for s in issame_list]
+    if len(bins) != 2 * len(issame_list):
+        raise ValueError(f'{path}: {len(bins)} images for {len(issame_list)} pairs')
+    with atomic_open(path, 'wb') as f:
+        pickle.dump((bins, issame_list), f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def read_bin(path):
+    """(bins as a list of bytes, issame_list as a list of bool) from a .bin, refusing foreign objects."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: no such .bin file')
+    with open(path, 'rb') as f:
+        data = f.read()
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data), encoding='bytes').load()
+    except pickle.UnpicklingError as e:
+        raise UserError(f'{path}: not a verification .bin ({e})') from None
+    except Exception as e:   # truncated or garbled pickles raise many kinds of errors
+        raise UserError(f'{path}: not a readable .bin ({type(e).__name__}: {e})') from None
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
+        raise UserError(f'{path}: expected (bins, issame_list), got {type(obj).__name__}')
+    bins, issame = obj
+    try:
+        bins = [b.tobytes() if isinstance(b, np.ndarray) else bytes(b) for b in bins]
+        issame = [bool(s) for s in (issame.tolist() if isinstance(issame, np.ndarray) else issame)]
+    except (TypeError, ValueError) as e:
+        raise UserError(f'{path}: unexpected contents ({e})') from None
+    if len(bins) != 2 * len(issame):
+        raise UserError(f'{path}: {len(bins)} images for {len(issame)} pairs')
+    return bins, issame
+
+
+def load_bin(path, image_size=(112, 112)):
+    """([NDArray N x 3 x H x W, the same flipped horizontally], issame_list) as insightface's load_bin.
+
+    Images are RGB float32 0..255, resized if they are not `image_size`.
+    """
+    from mxnet import nd
+    bins, issame = read_bin(path)
+    h, w = image_size
+    data = np.empty((len(bins), 3, h, w), dtype=np.float32)
+    for i, b in enumerate(bins):
+        img = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise UserError(f'{path}: image {i} does not decode')
+        if img.shape[:2] != (h, w):
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+        data[i] = img[:, :, ::-1].transpose(2, 0, 1)
+    return [nd.array(data), nd.array(data[:, :, :, ::-1])], issame

@@ -1,0 +1,319 @@
+"""The Gluon dataset over identity-indexed rec shards, the epoch-seeded sampler and the train loader.
+
+Only the index lives in memory (keys, shard of each sample, identity ranges): images are read with
+`pread` and decoded with cv2 on demand, so the dataset opens MS1M-sized recs in seconds and forks
+cheaply into DataLoader workers.
+"""
+import copy
+import glob
+import os
+
+import cv2
+import numpy as np
+from mxnet import gluon, nd
+import mxnet as mx
+
+from recognition.data.record import RecordFile, read_layout, unpack_header
+from recognition.data.transforms import to_chw
+from recognition.utils import UserError
+
+
+def expand_rec_paths(paths):
+    """A rec path, a glob ('train_*.rec') or a list of either -> sorted, existing rec paths."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    out = []
+    for p in items:
+        p = os.fspath(p)
+        if glob.has_magic(p):
+            found = sorted(glob.glob(p))
+            if not found:
+                raise UserError(f'{p}: no rec file matches')
+            out += found
+        else:
+            out.append(p if p.endswith('.rec') else p + '.rec')
+    if not out:
+        raise UserError('no rec file given')
+    return out
+
+
+class FaceRecordDataset(gluon.data.Dataset):
+    """Faces from one or many rec shards; sample i -> (CHW float32 RGB 0..255, label).
+
+    label is the identity (float32) or, with `return_attributes`, float32 [identity, *attributes].
+    `images_filter` drops identities with fewer images (insightface's `images_filter`);
+    `identities` keeps only the given identity ids. Labels are never renumbered: they are the ids
+    the classifier (fc7) is indexed by, with `num_classes` from `property`.
+    """
+
+    def __init__(self, paths, images_filter=0, transform=None, identities=None, return_attributes=False):
+        self.rec_paths = expand_rec_paths(paths)
+        self.transform = transform
+        self.return_attributes = return_attributes
+        self._files = [RecordFile(p) for p in self.rec_paths]
+        layouts = [read_layout(p, f) for p, f in zip(self.rec_paths, self._files)]
+        first = layouts[0]
+        for lay in layouts[1:]:
+            if lay.attribute_names != first.attribute_names or lay.label_width != first.label_width:
+                raise UserError(f'{lay.rec_path}: labels differ from {first.rec_path} '
+                                f'({lay.attribute_names} vs {first.attribute_names})')
+        self.attribute_names = list(first.attribute_names)
+        self.attribute_codes = dict(first.attribute_codes)
+        self.label_width = first.label_width
+        self.image_size = first.image_size or (112, 112)
+
+        # One row per (shard, identity range); rows of the same identity are merged by a stable sort.
+        shard = np.concatenate([np.full(lay.num_identities, s, np.int64) for s, lay in enumerate(layouts)])
+        ident = np.concatenate([lay.identities for lay in layouts])
+        starts = np.concatenate([lay.ranges[:, 0] for lay in layouts])
+        sizes = np.concatenate([lay.ranges[:, 1] - lay.ranges[:, 0] for lay in layouts])
+        _, inverse = np.unique(ident, return_inverse=True)
+        keep = np.bincount(inverse, weights=sizes, minlength=1)[inverse] >= max(images_filter, 1)
+        if identities is not None:
+            keep &= np.isin(ident, np.asarray(list(identities), dtype=np.int64))
+        order = np.argsort(ident, kind='stable')
+        order = order[keep[order]]
+        shard, ident, starts, sizes = shard[order], ident[order], starts[order], sizes[order]
+
+        keys = [lay.image_keys for lay in layouts]
+        self._keys = (np.concatenate([keys[s][a:a + n] for s, a, n in zip(shard, starts, sizes)])
+                      if sizes.size else np.zeros(0, np.int64))
+        small = np.int32 if max(int(self._keys.max(initial=0)), int(ident.max(initial=0))) < 2 ** 31 else np.int64
+        self._keys = self._keys.astype(small, copy=False)
+        self._shard = np.repeat(shard, sizes).astype(np.int16 if len(layouts) < 32768 else np.int64)
+        self._labels = np.repeat(ident.astype(small), sizes)
+        ends = np.cumsum(sizes)
+        self.identities = np.unique(ident)
+        self.id2range = {}
+        for i, a, b in zip(ident.tolist(), (ends - sizes).tolist(), ends.tolist()):
+            self.id2range[i] = (self.id2range[i][0], b) if i in self.id2range else (a, b)
+        property_classes = [lay.num_classes for lay in layouts if lay.num_classes is not None]
+        max_id = int(ident.max()) + 1 if ident.size else 0
+        self.num_classes = max(property_classes + [max_id]) if property_classes else max_id
+        self._sample_attributes = None
+        self._hwc = False   # the loader's view yields HWC images and converts whole batches
+
+    def hwc_view(self):
+        """The same dataset yielding HWC images (uint8 unless colour jitter), for batch conversion."""
+        view = copy.copy(self)
+        view._hwc = True
+        return view
+
+    def __len__(self):
+        return int(self._keys.size)
+
+    @property
+    def labels(self):
+        """Identity id of every sample (int array), without reading any image."""
+        return self._labels
+
+    def _record(self, i):
+        record = self._files[self._shard[i]]
+        return record, int(self._keys[i])
+
+    def read_raw(self, i):
+        """(encoded image bytes, float32 label [identity, aligned, *attributes]) of sample i."""
+        record, key = self._record(i)
+        flag, label, body = unpack_header(record.read(key))
+        return body, self._full_label(flag, label)
+
+    @staticmethod
+    def _full_label(flag, label):
+        if flag == 0:   # insightface rec_builder: scalar identity label, images aligned
+            return np.array([label, 1.0], dtype=np.float32)
+        if flag == 1:
+            return np.array([label[0], 1.0], dtype=np.float32)
+        return np.array(label, dtype=np.float32)
+
+    def decode(self, body, where=''):
+        """Encoded bytes -> RGB HWC uint8 at the dataset's image size."""
+        img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise UserError(f'{where}: image does not decode')
+        h, w = self.image_size
+        if img.shape[:2] != (h, w):
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+    def __getitem__(self, i):
+        body, label = self.read_raw(i)
+        img = self.decode(body, f'{self._files[self._shard[i]].rec_path} record {int(self._keys[i])}')
+        if self.transform is not None:
+            img = self.transform(img)
+        if not self._hwc:
+            img = to_chw(img)
+        if self.return_attributes:
+            return img, np.concatenate([label[:1], label[2:]])
+        return img, np.float32(self._labels[i])
+
+    @property
+    def sample_attributes(self):
+        """(N, A) float32 attributes of every sample, read from record headers (no decoding; cached)."""
+        if self._sample_attributes is None:
+            width = len(self.attribute_names)
+            out = np.zeros((len(self), width), dtype=np.float32)
+            if width:
+                for i in range(len(self)):
+                    record, key = self._record(i)
+                    out[i] = record.read_label(key)[1][2:]
+            self._sample_attributes = out
+        return self._sample_attributes
+
+    def identity_attributes(self, identity):
+        """Attributes of an identity, taken from its first image (gender, skin colour are per identity)."""
+        record, key = self._record(self.id2range[int(identity)][0])
+        flag, label = record.read_label(key)
+        return self._full_label(flag, label)[2:]
+
+    def identities_where(self, **conditions):
+        """Sorted identity ids whose attributes match, e.g. identities_where(skin_colour=1, gender='female').
+
+        Values are codes or their meanings from the sidecar; a list matches any of its values.
+        """
+        columns = []
+        for name, wanted in conditions.items():
+            if name not in self.attribute_names:
+                raise UserError(f'{self.rec_paths[0]}: no attribute {name!r} (have {self.attribute_names})')
+            meanings = {v: k for k, v in self.attribute_codes.get(name, {}).items()}
+            wanted = wanted if isinstance(wanted, (list, tuple, set)) else [wanted]
+            codes = []
+            for w in wanted:
+                if isinstance(w, str):
+                    if w not in meanings:
+                        raise UserError(f'{self.rec_paths[0]}: {name} has no value {w!r} '
+                                        f'(have {sorted(meanings)})')
+                    w = meanings[w]
+                codes.append(float(w))
+            columns.append((self.attribute_names.index(name), codes))
+        out = []
+        for identity in self.identities.tolist():
+            attrs = self.identity_attributes(identity)
+            if all(attrs[c] in codes for c, codes in columns):
+                out.append(identity)
+        return out
+
+    def indices_of(self, identities):
+        """Sample indices of the given identities (in identity-range order)."""
+        parts = [np.arange(*self.id2range[int(i)]) for i in identities if int(i) in self.id2range]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+class EpochSampler(gluon.data.Sampler):
+    """Sample indices in an order fixed by (seed, epoch), so a resumed run repeats it exactly.
+
+    Each iteration uses the current epoch and then advances it; `set_epoch(e, skip)` jumps to epoch
+    e and drops its first `skip` indices (for resuming mid-epoch).
+    """
+
+    def __init__(self, indices, shuffle=True, seed=0):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self._skip = int(epoch), int(skip)
+
+    def order(self, epoch):
+        if not self.shuffle:
+            return self.indices
+        return self.indices[np.random.default_rng([self.seed, epoch]).permutation(self.indices.size)]
+
+    def __iter__(self):
+        order, skip = self.order(self.epoch), self._skip
+        self.epoch, self._skip = self.epoch + 1, 0
+        return iter(order[skip:].tolist())
+
+    def __len__(self):
+        return max(self.indices.size - self._skip, 0)
+
+
+class _Batchify:
+    """numpy stack of HWC samples -> NDArrays (in shared memory when built in a worker process).
+
+    uint8 batches cross the process boundary 4x smaller than float32 ones.
+    """
+
+    def __init__(self, shared):
+        self.shared = shared
+
+    def __call__(self, samples):
+        data = np.stack([s[0] for s in samples])
+        label = np.stack([s[1] for s in samples]).astype(np.float32, copy=False)
+        ctx = mx.Context('cpu_shared', 0) if self.shared else mx.cpu()
+        return nd.array(data, ctx=ctx, dtype=data.dtype), nd.array(label, ctx=ctx, dtype=np.float32)
+
+
+class FaceLoader:
+    """Batches (data NDArray Bx3xHxW float32, label NDArray) from a FaceRecordDataset."""
+
+    def __init__(self, dataset, batch_size, num_workers=0, shuffle=True, seed=0, identities=None,
+                 last_batch='discard', start_batch=0, epoch=0):
+        indices = dataset.indices_of(identities) if identities is not None else np.arange(len(dataset))
+        if indices.size == 0:
+            raise UserError(f'{dataset.rec_paths[0]}: no samples to load')
+        self.batch_size = batch_size
+        self.sampler = EpochSampler(indices, shuffle=shuffle, seed=seed)
+        self.sampler.set_epoch(epoch, start_batch * batch_size)
+        self.batch_sampler = gluon.data.BatchSampler(self.sampler, batch_size, last_batch)
+        self._loader = gluon.data.DataLoader(dataset.hwc_view(), batch_sampler=self.batch_sampler,
+                                             batchify_fn=_Batchify(num_workers > 0),
+                                             num_workers=num_workers)
+
+    def set_epoch(self, epoch, start_batch=0):
+        """The next iteration yields epoch `epoch`'s order from batch `start_batch` on."""
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+
+    @property
+    def epoch(self):
+        return self.sampler.epoch
+
+    def __iter__(self):
+        for data, label in self._loader:
+            # Batched MXNet ops (asynchronous, in C++) instead of a float CHW copy per sample;
+            # cast first: MXNet's uint8 transpose is ~10x slower than its float32 one.
+            yield nd.transpose(data.astype(np.float32, copy=False), axes=(0, 3, 1, 2)), label
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+
+def train_loader(dataset, batch_size, num_workers=0, shuffle=True, seed=0, identities=None,
+                 last_batch='discard', start_batch=0, epoch=0):
+    """The training loader: gluon DataLoader with worker processes, an epoch-seeded order and an
+    optional identity subset (step 3, hard samples)."""
+    return FaceLoader(dataset, batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
+                      identities=identities, last_batch=last_batch, start_batch=start_batch, epoch=epoch)
+
+
+def _caption(dataset, label, width, scale):
+    """Caption words (identity, then attribute=meaning) wrapped greedily to the tile width."""
+    words = ['id %d' % label[0]]
+    for name, value in zip(dataset.attribute_names, label[2:]):
+        meaning = dataset.attribute_codes.get(name, {}).get(int(value)) if float(value).is_integer() else None
+        words.append('%s=%s' % (name[:4], meaning or ('%g' % value)))
+    lines = ['']
+    for word in words:
+        candidate = (lines[-1] + ' ' + word).strip()
+        if lines[-1] and cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 4:
+            lines.append(word)
+        else:
+            lines[-1] = candidate
+    return lines
+
+
+def contact_sheet(dataset, indices, columns=8, scale=0.33):
+    """A BGR grid of the given samples, each captioned with identity and attribute values."""
+    tile_h, tile_w = dataset.image_size
+    samples = [dataset.read_raw(int(i)) for i in indices]
+    captions = [_caption(dataset, label, tile_w, scale) for _, label in samples]
+    caption_h = 12 * max(len(c) for c in captions) + 4
+    rows = max(1, (len(samples) + columns - 1) // columns)
+    sheet = np.full((rows * (tile_h + caption_h), columns * tile_w, 3), 255, np.uint8)
+    for n, ((body, _), lines) in enumerate(zip(samples, captions)):
+        y, x = (n // columns) * (tile_h + caption_h), (n % columns) * tile_w
+        sheet[y:y + tile_h, x:x + tile_w] = cv2.cvtColor(dataset.decode(body), cv2.COLOR_RGB2BGR)
+        for j, text in enumerate(lines):
+            cv2.putText(sheet, text, (x + 2, y + tile_h + 11 + 12 * j), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                        (0, 0, 0), 1, cv2.LINE_AA)
+    return sheet

@@ -1,0 +1,275 @@
+"""The face2rec2 engine: `.lst` (+ attribute CSV) -> identity-indexed rec shards.
+
+Images are read, checked and (for `aligned=0` rows with landmarks) aligned to the 112x112 arcface
+template in worker processes; results come back in list order, so the output is the same for any
+number of processes. Already aligned images keep their original bytes, as insightface.
+"""
+import csv
+import glob
+import logging
+import multiprocessing
+import os
+import time
+
+import cv2
+import numpy as np
+
+from recognition.align import norm_crop
+from recognition.data.lst import read_lst
+from recognition.data.record import KNOWN_CODES, IdentityRecordWriter, property_path, write_property
+from recognition.utils import UserError, atomic_open
+
+log = logging.getLogger(__name__)
+
+MISSING = -1.0   # stored for an empty attribute cell
+
+
+class AttributeTable:
+    """Per-image attributes from a CSV keyed by image path.
+
+    Columns: `path`, an optional `SUBJECT_ID` (not an attribute), then the attributes in column
+    order (names lowercased). Integer columns keep their codes; text columns get sorted codes whose
+    meanings go to the sidecar. Paths may be absolute, relative to the CSV or the `.lst` folder, or
+    a trailing part of the `.lst` path (`id/1.jpg` for `train/id/1.jpg`).
+    """
+
+    def __init__(self, csv_path):
+        self.csv_path = os.fspath(csv_path)
+        if not os.path.isfile(self.csv_path):
+            raise UserError(f'{self.csv_path}: no such attribute CSV')
+        with open(self.csv_path, newline='', encoding='utf-8') as f:
+            rows = [r for r in csv.reader(f) if r]
+        if not rows:
+            raise UserError(f'{self.csv_path}: empty attribute CSV')
+        header = [c.strip() for c in rows[0]]
+        lower = [c.lower() for c in header]
+        if 'path' not in lower:
+            raise UserError(f'{self.csv_path}: no "path" column (header: {",".join(header)})')
+        path_col = lower.index('path')
+        attr_cols = [i for i, c in enumerate(lower) if c not in ('path', 'subject_id')]
+        self.names = [lower[i] for i in attr_cols]
+        body = rows[1:]
+        for n, r in enumerate(body, 2):
+            if len(r) != len(header):
+                raise UserError(f'{self.csv_path}:{n}: {len(r)} columns, header has {len(header)}')
+        self.codes = {}
+        columns = [self._encode_column(name, [r[i].strip() for r in body])
+                   for name, i in zip(self.names, attr_cols)]
+        values = np.stack(columns, axis=1) if columns else np.zeros((len(body), 0), np.float32)
+        self._by_text, self._by_abs = {}, {}
+        folder = os.path.dirname(os.path.abspath(self.csv_path))
+        for n, (r, v) in enumerate(zip(body, values), 2):
+            text = os.path.normpath(r[path_col].strip())
+            if text in self._by_text:
+                raise UserError(f'{self.csv_path}:{n}: duplicate path {r[path_col]!r}')
+            self._by_text[text] = v
+            self._by_abs[os.path.normpath(os.path.join(folder, text))] = v
+
+    def _encode_column(self, name, cells):
+        filled = [c for c in cells if c != '']
+        try:
+            numbers = [float(c) for c in filled]
+        except ValueError:
+            numbers = None
+        if numbers is not None:
+            if all(x.is_integer() for x in numbers) and name in KNOWN_CODES:
+                self.codes[name] = dict(KNOWN_CODES[name])
+            return np.array([float(c) if c != '' else MISSING for c in cells], dtype=np.float32)
+        labels = sorted(set(filled))
+        self.codes[name] = dict(enumerate(labels))
+        code = {v: i for i, v in enumerate(labels)}
+        return np.array([code.get(c, MISSING) for c in cells], dtype=np.float32)
+
+    def lookup(self, lst_path, resolved):
+        """The attribute vector of a `.lst` entry, or None if the CSV has no row for it."""
+        v = self._by_abs.get(os.path.normpath(resolved))
+        if v is None:
+            parts = os.path.normpath(lst_path).split(os.sep)
+            for i in range(len(parts)):
+                v = self._by_text.get(os.path.join(*parts[i:]))
+                if v is not None:
+                    break
+        return v
+
+
+def _resolve(path, lst_dir):
+    """Relative .lst paths are taken from the .lst's folder first, then from the working folder."""
+    if os.path.isabs(path):
+        return path
+    candidate = os.path.join(lst_dir, path)
+    return candidate if os.path.exists(candidate) or not os.path.exists(path) else path
+
+
+def _group_by_label(items, lst_path):
+    """Identities are contiguous runs in the rec: regroup an unsorted list stably, with a warning."""
+    first_seen, grouped, previous = {}, True, None
+    for i, item in enumerate(items):
+        if item.label != previous and item.label in first_seen:
+            grouped = False
+        first_seen.setdefault(item.label, i)
+        previous = item.label
+    if not grouped:
+        log.warning('%s: not grouped by label; grouping it stably (identities keep their first position)',
+                    lst_path)
+        items = sorted(items, key=lambda it: first_seen[it.label])
+    return items
+
+
+def _encode_params(encoding, quality):
+    if encoding in ('.jpg', '.jpeg'):
+        return [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    if encoding == '.png':
+        return [cv2.IMWRITE_PNG_COMPRESSION, min(9, int(quality) // 10)]
+    return []
+
+
+def encode_image(job):
+    """(encoded bytes, None) or (None, reason) for one .lst entry; runs in a worker process."""
+    path, aligned, landmarks, image_size, encoding, params = job
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        return None, f'cannot read ({e.strerror})'
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if img is None:
+        return None, 'cannot decode'
+    if data[:2] == b'\xff\xd8' and not data.rstrip(b'\0\r\n ').endswith(b'\xff\xd9'):
+        return None, 'truncated JPEG'
+    h, w = image_size
+    if aligned:
+        if img.shape[:2] == (h, w):
+            return data, None
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    elif landmarks is None:
+        return None, 'aligned=0 without landmarks'
+    else:
+        try:
+            img = norm_crop(img, landmarks, h, w)
+        except ValueError as e:
+            return None, str(e)
+    ok, buf = cv2.imencode(encoding, img, params)
+    return (buf.tobytes(), None) if ok else (None, f'cannot encode as {encoding}')
+
+
+def _shard_bounds(group_sizes, num_shards):
+    """Shard index of each identity: contiguous identities, about N/S images per shard."""
+    cumulative = np.cumsum(group_sizes) - np.asarray(group_sizes) / 2.0
+    total = float(np.sum(group_sizes))
+    return np.minimum((cumulative * num_shards / total).astype(int), num_shards - 1)
+
+
+def pack_list(lst_path, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attributes=None,
+              image_size=(112, 112), out_prefix=None):
+    """Pack one `.lst` into `out_prefix.rec` (or S shards `out_prefix_s.rec`); returns a summary."""
+    start = time.time()
+    lst_path = os.fspath(lst_path)
+    out_prefix = out_prefix or os.path.splitext(lst_path)[0]
+    table = AttributeTable(attributes) if isinstance(attributes, (str, os.PathLike)) else attributes
+    items = _group_by_label(read_lst(lst_path), lst_path)
+    if not items:
+        raise UserError(f'{lst_path}: empty .lst')
+    lst_dir = os.path.dirname(os.path.abspath(lst_path))
+    resolved = [_resolve(it.path, lst_dir) for it in items]
+    attrs = [()] * len(items)
+    if table is not None:
+        attrs = [table.lookup(it.path, r) for it, r in zip(items, resolved)]
+        missing = [it.path for it, a in zip(items, attrs) if a is None]
+        if missing:
+            raise UserError(f'{table.csv_path}: no row for {len(missing)} of {len(items)} images '
+                            f'of {lst_path} (first: {missing[0]})')
+    labels = np.array([it.label for it in items])
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    sizes = np.diff(np.r_[starts, len(items)])
+    if num_shards > len(sizes):
+        raise UserError(f'{lst_path}: {num_shards} shards but only {len(sizes)} identities')
+    shard_of = _shard_bounds(sizes, num_shards)
+    names = table.names if table is not None else None
+    codes = table.codes if table is not None else None
+    prefixes = [out_prefix] if num_shards == 1 else ['%s_%d' % (out_prefix, s) for s in range(num_shards)]
+    params = _encode_params(encoding, quality)
+    jobs = ((r, it.aligned, it.landmarks, tuple(image_size), encoding, params) for it, r in zip(items, resolved))
+    writers, skipped = [], []
+    pool = None
+    try:
+        if num_threads > 1:
+            # No cv2.setNumThreads in the children: reconfiguring OpenCV's inherited pool after a
+            # fork deadlocks; its parallel loops themselves are fork-safe.
+            pool = multiprocessing.get_context('fork').Pool(num_threads)
+            results = pool.imap(encode_image, jobs, chunksize=16)
+        else:
+            results = map(encode_image, jobs)
+        writers = [IdentityRecordWriter(p, image_size, names, codes, write_property=False) for p in prefixes]
+        position = 0
+        for group, size in enumerate(sizes):
+            images = []
+            for i in range(position, position + size):
+                data, reason = next(results)
+                if data is None:
+                    skipped.append((items[i].path, reason))
+                else:
+                    images.append((data, items[i].aligned, attrs[i]))
+            writers[shard_of[group]].add_identity(items[position].label, images)
+            position += size
+        num_images = sum(w.num_images for w in writers)
+        _write_skipped(out_prefix + '.skipped.txt', skipped)
+        if num_images == 0:
+            raise UserError(f'{lst_path}: no usable images ({len(skipped)} skipped, '
+                            f'see {out_prefix}.skipped.txt)')
+        summaries = [w.close() for w in writers]
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if skipped:
+        log.warning('%s: skipped %d images, listed in %s.skipped.txt', lst_path, len(skipped), out_prefix)
+    return {'images': sum(s['images'] for s in summaries),
+            'identities': sum(s['identities'] for s in summaries),
+            'skipped': len(skipped), 'shards': len(summaries),
+            'seconds': time.time() - start,
+            'outputs': [s['rec'] for s in summaries],
+            'num_classes': int(labels.max()) + 1}
+
+
+def _write_skipped(path, skipped):
+    if skipped:
+        with atomic_open(path) as f:
+            f.writelines(f'{p}\t{reason}\n' for p, reason in skipped)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def pack(prefix, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attributes=None,
+         image_size=(112, 112)):
+    """Pack every `PREFIX*.lst` (as insightface's face2rec2); write `property`; return a summary dict.
+
+    `attributes`: a CSV path (see AttributeTable) whose columns become label[2:].
+    """
+    prefix = os.fspath(prefix)
+    lsts = sorted(glob.glob(glob.escape(prefix) + '*.lst'))
+    if not lsts:
+        raise UserError(f'{prefix}*.lst: no .lst file found')
+    if num_shards < 1 or num_threads < 1:
+        raise UserError(f'{prefix}: --num-shards and --num-thread must be at least 1')
+    encoding = encoding if encoding.startswith('.') else '.' + encoding
+    if encoding not in ('.jpg', '.jpeg', '.png'):
+        raise UserError(f'{prefix}: unsupported --encoding {encoding} (use .jpg or .png)')
+    table = AttributeTable(attributes) if attributes else None
+    start = time.time()
+    results = [pack_list(lst, num_threads, quality, encoding, num_shards, table, image_size) for lst in lsts]
+    classes = {}
+    for lst, r in zip(lsts, results):
+        folder = property_path(os.path.splitext(lst)[0])
+        classes[folder] = max(classes.get(folder, 0), r['num_classes'])
+    for path, k in classes.items():
+        write_property(path, k, image_size)
+    return {'images': sum(r['images'] for r in results),
+            'identities': sum(r['identities'] for r in results),
+            'skipped': sum(r['skipped'] for r in results),
+            'shards': sum(r['shards'] for r in results),
+            'seconds': time.time() - start,
+            'outputs': [o for r in results for o in r['outputs']]}
