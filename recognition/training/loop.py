@@ -1,0 +1,442 @@
+"""The trainer: insightface's `train.py` on Gluon (hybridised, data-parallel, kvstore), with exact resume.
+
+One step: the global batch is split over the contexts (`split_and_load`), each slice runs embedding net +
+margin head + softmax cross-entropy under `autograd.record`, gradients are reduced by the kvstore and
+`gluon.Trainer.step(global_batch)` applies SGD; the loss mean is the batch mean, like insightface's
+`SoftmaxOutput(normalization='valid')` with `rescale_grad = 1/ctx_num`.
+
+Every `verbose` steps: 10-fold verification on the dataset's `.bin` targets, the `--ckpt` policy, and a
+resume snapshot. `--resume` restores parameters, optimizer state, step, schedule and data position; dropout
+masks are drawn from a generator reseeded from (seed, step) every step, so a resumed run repeats exactly
+the steps a straight run would have taken.
+"""
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from .. import checkpoint
+from ..utils import UserError
+from . import kvstore as kvstore_setup
+from .monitor import Monitor, get_logger
+from .schedules import PlateauDecay, StepSchedule
+
+# insightface's loss config keys (build_head takes them as aliases).
+HEAD_KEYS = ('loss_s', 'loss_m1', 'loss_m2', 'loss_m3', 'loss_gamma', 'loss_margin', 'easy_margin')
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or Inf: the run stops before the bad update is applied."""
+
+
+def run_folder(opts):
+    """`models_root/<network>-<loss>-<dataset>/` (insightface's layout) unless `run_name` is given."""
+    name = opts.get('run_name') or '%s-%s-%s' % (opts.network, opts.loss, opts.dataset)
+    return os.path.join(opts.models_root, name)
+
+
+def wd_multiplier(name):
+    """insightface trains with Module, whose optimizer puts weight decay only on `*_weight` and `*_gamma`.
+
+    Gluon's Trainer decays every parameter; this keeps Module's rule (no decay on biases and BN betas).
+    """
+    return 1.0 if name.endswith(('_weight', '_gamma')) else 0.0
+
+
+def _walk(block):
+    yield block
+    for child in block._children.values():
+        yield from _walk(child)
+
+
+def freeze(net, block):
+    """`--freeze-block`: 0 trains everything; 1 freezes the whole embedding network (only the head
+    trains); 2 freezes everything up to `bn1` (the output block `pre_fc1`/`fc1` and the head train).
+
+    Frozen parameters get no gradient, and BatchNorm layers whose parameters are all frozen normalise with
+    their running statistics and stop updating them. Returns the names of the frozen parameters.
+    """
+    if block == 0:
+        return []
+    if block not in (1, 2):
+        raise UserError(f'--freeze-block {block}: choose 0 (all layers), 1 (only fc7) or 2 (up to bn1)')
+    params = net.collect_params()
+    frozen = [n for n in params if block == 1 or not n.startswith(('pre_fc1', 'fc1_'))]
+    for name in frozen:
+        params[name].grad_req = 'null'
+    frozen_set = set(frozen)
+    for b in _walk(net):
+        # Gluon's BatchNorm and the models' insightface-named BatchNorm both keep the op's
+        # arguments in `_kwargs`.
+        if 'use_global_stats' in getattr(b, '_kwargs', {}) and set(b.collect_params()) <= frozen_set:
+            b._kwargs['use_global_stats'] = True
+    return frozen
+
+
+def head_kwargs(opts):
+    """The loss preset's settings present in `opts` (insightface's names, e.g. loss_s, loss_m2)."""
+    return {('margin' if k == 'loss_margin' else k): opts[k] for k in HEAD_KEYS if opts.get(k) is not None}
+
+
+def load_val_sets(opts, image_size):
+    """The `val_targets` `.bin` files of the dataset folder; a listed target that is missing is an error."""
+    from ..data.bin import load_bin
+    sets = []
+    for name in opts.val_targets:
+        path = os.path.join(opts.dataset_path, name + '.bin')
+        if not os.path.isfile(path):
+            raise UserError(f'{path}: verification target {name!r} not found '
+                            f'(give --val-targets to choose others, or --val-targets "" for none)')
+        data_list, issame = load_bin(path, image_size)
+        sets.append((name, data_list, issame))
+    return sets
+
+
+class TrainingSession:
+    """Everything one run needs, built from `opts` (the merged config + CLI options).
+
+    `net` and `head` may be given (tests, custom models); otherwise they come from the registry
+    (`recognition.models.get_model`) and the loss presets (`recognition.losses.build_head`).
+    """
+
+    def __init__(self, opts, net=None, head=None, dataset=None):
+        import mxnet as mx
+        self.mx = mx
+        self.opts = opts
+        self.topology = kvstore_setup.setup(opts.get('gpus', ''), opts.get('ctx', ''), opts.kvstore)
+        self.contexts = self.topology.contexts
+        self.chief = self.topology.is_chief
+        self.run_dir = run_folder(opts)
+        self.prefix = os.path.join(self.run_dir, 'model')
+        self.show_bar = opts.get('progress_bar')
+        if self.show_bar is None:
+            self.show_bar = sys.stdout.isatty()
+        self.log = get_logger(os.path.join(self.run_dir, 'train.log') if self.chief else None,
+                              use_tqdm=self.show_bar)
+        self.log.info('%s', self.topology.describe())
+        self.batch_size = opts.per_batch_size * len(self.contexts)
+        self.global_batch = self.batch_size * self.topology.num_workers
+        self.seed = int(opts.seed)
+
+        self.dataset = dataset if dataset is not None else self._open_dataset()
+        self.num_classes = int(self.dataset.num_classes)
+        # The identity subset to train on (all when None); the loader samples only these.
+        self.identities = None
+        self.loader = None
+        # The rec's property file is authoritative for the image size (as for the class count).
+        self.image_size = tuple(int(v) for v in self.dataset.image_size)
+        self.val_sets = load_val_sets(opts, self.image_size) if self.chief else []
+        self.steps_per_epoch = len(self.dataset) // self.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f'{opts.dataset_path}: {len(self.dataset)} training images, fewer than one batch '
+                            f'of {self.batch_size}')
+
+        # Reproducible initialisation; the per-step reseed below keeps dropout reproducible too.
+        mx.random.seed(self.seed)
+        np.random.seed(self.seed)
+        self._setup_precision()
+        self.net, self.head = self._build_model(net, head)
+        self.frozen = freeze(self.net, int(opts.get('freeze_block', 0) or 0))
+        if self.frozen:
+            self.log.info('freeze-block %d: %d parameters frozen', opts.freeze_block, len(self.frozen))
+        self.params = {**self.net.collect_params(), **self.head.collect_params()}
+        self.trainable = {n: p for n, p in self.params.items() if p.grad_req != 'null'}
+        self.trainer = self._build_trainer()
+        self.loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
+
+        try:
+            lr_steps = [int(s) for s in str(opts.lr_steps).split(',') if s.strip()]
+        except ValueError:
+            raise UserError(f'--lr-steps {opts.lr_steps!r}: expected comma-separated step numbers') from None
+        if opts.get('cosine') and not opts.max_steps:
+            raise UserError('--cosine decays to 0 at --max-steps: give --max-steps')
+        self.schedule = StepSchedule(opts.lr, lr_steps, warmup=opts.get('warmup', 0), cosine=opts.get('cosine'),
+                                     max_steps=opts.max_steps)
+        self.plateau = PlateauDecay(opts.get('auto_decay', 0) or 0)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.save_step = 0
+        self.highest_acc = [0.0, 0.0]
+        self.last_checkpoint = None
+        self.monitor = None
+        self._stop_signal = None
+        if opts.get('resume'):
+            self._resume()
+
+    # --- construction -------------------------------------------------------------------------------
+    def _open_dataset(self):
+        from ..data.dataset import FaceRecordDataset
+        from ..data.transforms import train_transform
+        opts = self.opts
+        rec = os.path.join(opts.dataset_path, 'train.rec')
+        if not os.path.isfile(rec):
+            raise UserError(f'{rec}: training rec not found (dataset {opts.dataset!r}; '
+                            f'build it with data_process/face2rec2.py or give --data-dir)')
+        transform = train_transform(mirror=opts.data_rand_mirror, color=opts.data_color,
+                                    cutoff=opts.data_cutoff, compress=opts.get('data_compress', False))
+        return FaceRecordDataset([rec], images_filter=opts.data_images_filter, transform=transform)
+
+    def _setup_precision(self):
+        self.amp = False
+        if not self.opts.get('fp16'):
+            return
+        if not self.topology.on_gpu:
+            self.log.info('--fp16: AMP and multi_precision need GPUs; training in float32 on CPU')
+            return
+        from mxnet.contrib import amp
+        amp.init()
+        self.amp = True
+        self.log.info('--fp16: AMP (float16 compute, float32 master weights via multi_precision)')
+
+    def _build_model(self, net, head):
+        mx = self.mx
+        opts = self.opts
+        from ..models import get_model, init_params
+        if net is None:
+            # Networks are built for 112x112 unless the dataset's property says otherwise.
+            size = {} if self.image_size == (112, 112) else {'input_size': self.image_size[0]}
+            net = get_model(opts.network, emb_size=opts.emb_size, **size)
+        if head is None:
+            from ..losses import build_head
+            head = build_head(opts.loss, self.num_classes, opts.emb_size, fc7_lr_mult=opts.fc7_lr_mult,
+                              fc7_wd_mult=opts.fc7_wd_mult, **head_kwargs(opts))
+        init_params(net, ctx=self.contexts)
+        head.initialize(ctx=self.contexts)
+        # One forward completes Gluon's deferred initialisation, so shapes exist for loading.
+        x = mx.nd.zeros((1, 3) + self.image_size, ctx=self.contexts[0])
+        head(net(x), mx.nd.zeros((1,), ctx=self.contexts[0]))
+        if opts.get('pretrained'):
+            prefix, epoch = checkpoint.parse_pretrained(opts.pretrained)
+            self.log.info('loading pretrained %s,%d', prefix, epoch)
+            checkpoint.load_pretrained(net, head, prefix, epoch, log=self.log.info)
+        for name, p in net.collect_params().items():
+            p.wd_mult = wd_multiplier(name)
+        net.hybridize(static_alloc=True, static_shape=True)
+        head.hybridize(static_alloc=True, static_shape=True)
+        return net, head
+
+    def _build_trainer(self):
+        mx = self.mx
+        opts = self.opts
+        optimizer_params = {'learning_rate': opts.lr, 'wd': opts.wd, 'momentum': opts.mom,
+                            'multi_precision': self.amp}
+        trainer = mx.gluon.Trainer(self.trainable, 'sgd', optimizer_params, kvstore=self.topology.kvstore)
+        if self.amp:
+            from mxnet.contrib import amp
+            amp.init_trainer(trainer)
+        return trainer
+
+    # --- state --------------------------------------------------------------------------------------
+    def state(self):
+        return {'step': self.step, 'epoch': self.epoch, 'batch_in_epoch': self.batch_in_epoch,
+                'save_step': self.save_step, 'highest_acc': self.highest_acc, 'seed': self.seed,
+                'global_batch': self.global_batch, 'num_classes': self.num_classes,
+                'plateau': self.plateau.state_dict(),
+                'run': {'network': self.opts.network, 'loss': self.opts.loss, 'dataset': self.opts.dataset}}
+
+    def _resume(self):
+        state = checkpoint.load_resume(self.prefix, self.params, self.trainer)
+        if state['global_batch'] != self.global_batch:
+            raise UserError(f'{checkpoint.resume_file(self.prefix)}: saved with a global batch of '
+                            f'{state["global_batch"]}, this run has {self.global_batch}: resume needs the same '
+                            f'--per-batch-size and number of contexts')
+        if state['num_classes'] != self.num_classes:
+            raise UserError(f'{checkpoint.resume_file(self.prefix)}: saved with {state["num_classes"]} classes, '
+                            f'the dataset has {self.num_classes}')
+        self.step = state['step']
+        self.epoch = state['epoch']
+        self.batch_in_epoch = state['batch_in_epoch']
+        self.save_step = state['save_step']
+        self.highest_acc = list(state['highest_acc'])
+        self.seed = state['seed']
+        self.plateau.load_state_dict(state['plateau'])
+        self.log.info('resumed from %s at step %d (epoch %d, batch %d)', checkpoint.resume_file(self.prefix),
+                      self.step, self.epoch, self.batch_in_epoch)
+
+    def save_resume(self):
+        """Snapshot for `--resume` (all parameters, optimizer, counters); chief only."""
+        if not self.chief:
+            return None
+        # Non-trainable parameters (frozen ones, BN statistics) are in `params` too.
+        return checkpoint.save_resume(self.prefix, self.params, self.trainer, self.state())
+
+    # --- data ---------------------------------------------------------------------------------------
+    def _batches(self, epoch, start_batch):
+        """The batches of `epoch` from `start_batch` on; the order depends only on (seed, epoch)."""
+        if start_batch >= self.steps_per_epoch:
+            return []
+        if self.loader is None:
+            from ..data.dataset import train_loader
+            self.loader = train_loader(self.dataset, self.batch_size,
+                                       num_workers=self.opts.get('num_workers', 0), shuffle=True,
+                                       seed=self.seed, identities=self.identities, last_batch='discard')
+        self.loader.set_epoch(epoch, start_batch)
+        return self.loader
+
+    # --- evaluation and checkpoints -----------------------------------------------------------------
+    def embed(self, batch):
+        """Embeddings of an NCHW RGB 0..255 batch, split over the contexts, inference mode."""
+        mx = self.mx
+        ctxs = self.contexts if batch.shape[0] >= len(self.contexts) else self.contexts[:1]
+        parts = mx.gluon.utils.split_and_load(batch, ctxs, even_split=False)
+        outs = [self.net(x) for x in parts]
+        return np.concatenate([o.asnumpy() for o in outs], axis=0)
+
+    def verify(self):
+        """insightface's `ver_test`: Accuracy-Flip and XNorm per target; returns the accuracies."""
+        from ..evaluation.verification import test_bin
+        accs = []
+        for name, data_list, issame in self.val_sets:
+            r = test_bin(data_list, issame, self.embed, self.batch_size, nfolds=10)
+            self.log.info('[%s][%d]XNorm: %f', name, self.step, r['xnorm'])
+            self.log.info('[%s][%d]Accuracy-Flip: %1.5f+-%1.5f', name, self.step, r['acc'], r['std'])
+            if self.monitor is not None:
+                self.monitor.scalars(self.step, {f'val/{name}/acc': r['acc'], f'val/{name}/xnorm': r['xnorm']})
+            accs.append(r['acc'])
+        return accs
+
+    def checkpoint_policy(self, accs):
+        """insightface's `--ckpt`: 0 never; 1 when the last target improves (ties: sum of all targets), as
+        `model-NNNN` numbered by verification round; 2 every round, numbered; 3 like 1 but always `model-0001`.
+        """
+        self.save_step += 1
+        msave = self.save_step
+        is_highest = False
+        if accs:
+            score = sum(accs)
+            if accs[-1] >= self.highest_acc[-1]:
+                if accs[-1] > self.highest_acc[-1]:
+                    is_highest = True
+                elif score >= self.highest_acc[0]:
+                    is_highest = True
+                    self.highest_acc[0] = score
+                self.highest_acc[-1] = accs[-1]
+        do_save = is_highest
+        ckpt = int(self.opts.ckpt)
+        if ckpt == 0:
+            do_save = False
+        elif ckpt == 2:
+            do_save = True
+        elif ckpt == 3:
+            msave = 1
+        if do_save:
+            self.save_model(msave)
+        if accs:
+            self.log.info('[%d]Accuracy-Highest: %1.5f', self.step, self.highest_acc[-1])
+
+    def save_model(self, epoch):
+        strip = bool(self.opts.get('ckpt_embedding'))
+        path = checkpoint.save_checkpoint(self.prefix, epoch, self.net, self.head, strip_fc7=strip)
+        checkpoint.write_latest(self.run_dir, self.prefix, epoch)
+        self.last_checkpoint = (self.prefix, epoch)
+        self.log.info('saving %d: %s%s', epoch, path, ' (embedding only)' if strip else '')
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def _forward_backward(self, data, label):
+        mx = self.mx
+        autograd = mx.autograd
+        xs = mx.gluon.utils.split_and_load(data, self.contexts)
+        ys = mx.gluon.utils.split_and_load(label.astype('float32'), self.contexts)
+        losses, logits = [], []
+        with autograd.record():
+            for x, y in zip(xs, ys):
+                out = self.head(self.net(x), y)
+                losses.append(self.loss_fn(out, y))
+                logits.append(out)
+            if self.amp:
+                from mxnet.contrib import amp
+                with amp.scale_loss(losses, self.trainer) as scaled:
+                    backward = scaled
+            else:
+                backward = losses
+        autograd.backward(backward)
+        loss_sum = sum(float(l.sum().asscalar()) for l in losses)
+        correct = sum(int((o.argmax(axis=1) == y).sum().asscalar()) for o, y in zip(logits, ys))
+        return loss_sum / data.shape[0], correct
+
+    def _finished(self):
+        max_steps = int(self.opts.max_steps or 0)
+        if max_steps > 0:
+            return self.step >= max_steps
+        return self.epoch >= int(self.opts.end_epoch)
+
+    def run(self):
+        """Train until max_steps (or end_epoch); returns a summary dict."""
+        mx = self.mx
+        opts = self.opts
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.monitor = Monitor(self.log, self.global_batch, opts.frequent,
+                               logdir=os.path.join(self.run_dir, 'logs') if self.chief else None,
+                               total_steps=int(opts.max_steps or 0), start_step=self.step,
+                               show_bar=self.show_bar)
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        losses = []
+        verify_results = []
+        try:
+            while not self._finished():
+                for data, label in self._batches(self.epoch, self.batch_in_epoch):
+                    lr = self.schedule(self.step) * self.plateau.scale
+                    self.trainer.set_learning_rate(lr)
+                    mx.random.seed(self.seed * 1000003 + self.step, ctx='all')
+                    loss, correct = self._forward_backward(data, label)
+                    if not math.isfinite(loss):
+                        where = (f'{checkpoint.resume_file(self.prefix)}' if os.path.exists(
+                            checkpoint.resume_file(self.prefix)) else 'none saved')
+                        raise TrainingDiverged(f'step {self.step + 1}: loss is {loss} (diverged); stopped '
+                                               f'before applying the update, nothing saved (last good state: '
+                                               f'{where}); try a lower --lr or a warmup')
+                    self.trainer.step(self.global_batch)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    losses.append(loss)
+                    if self.plateau.observe(loss):
+                        self.log.info('auto-decay: no loss decrease for %d steps, lr x%g -> %g',
+                                      self.plateau.patience, self.plateau.factor,
+                                      self.schedule(self.step) * self.plateau.scale)
+                    self.monitor.batch(self.step, self.epoch, self.batch_in_epoch, loss, correct,
+                                       data.shape[0], lr)
+                    if self.step % 1000 == 0:
+                        self.log.info('lr-batch-epoch: %g %d %d', lr, self.batch_in_epoch, self.epoch)
+                    if self.step % int(opts.verbose) == 0:
+                        tic = time.time()
+                        if self.chief:
+                            accs = self.verify()
+                            verify_results.append((self.step, accs))
+                            self.checkpoint_policy(accs)
+                        self.save_resume()
+                        self.monitor.exclude(time.time() - tic)
+                    if self._stop_signal is not None or self._finished():
+                        break
+                if self._stop_signal is not None:
+                    path = self.save_resume()
+                    self.log.info('%s at step %d: saved %s; continue with --resume',
+                                  signal.Signals(self._stop_signal).name, self.step, path)
+                    return self._summary(losses, verify_results, interrupted=self._stop_signal)
+                if self.batch_in_epoch >= self.steps_per_epoch:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+            if self.step % int(opts.verbose) != 0:
+                self.save_resume()
+            latest = '%s,%d' % self.last_checkpoint if self.last_checkpoint else 'none (see --ckpt)'
+            self.log.info('finished at step %d; latest checkpoint %s', self.step, latest)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.monitor.close()
+        return self._summary(losses, verify_results)
+
+    def _summary(self, losses, verify_results, interrupted=None):
+        return {'step': self.step, 'epoch': self.epoch, 'losses': losses, 'verification': verify_results,
+                'checkpoint': self.last_checkpoint, 'interrupted': interrupted, 'run_dir': self.run_dir}
+
+
+def train(opts, **overrides):
+    """Build a session from `opts` and run it."""
+    return TrainingSession(opts, **overrides).run()

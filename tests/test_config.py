@@ -1,0 +1,41 @@
+"""insightface's preset system: override order, defaults, property-file class counts."""
+import pytest
+
+from recognition.config import default, generate_config, network
+from recognition.utils import UserError
+
+
+def test_insightface_defaults():
+    config, d = generate_config('r100', 'emore', 'arcface')
+    assert (d.lr, d.wd, d.mom, d.per_batch_size) == (0.1, 0.0005, 0.9, 128)
+    assert (d.lr_steps, d.verbose, d.frequent, d.ckpt, d.kvstore) == ('100000,160000,220000', 2000, 20, 3, 'device')
+    assert d.models_root == './models'
+    assert (config.loss_s, config.loss_m1, config.loss_m2, config.loss_m3) == (64.0, 1.0, 0.5, 0.0)
+    assert config.num_layers == 100 and config.emb_size == 512 and config.num_classes == 85742
+    assert config.val_targets == ['lfw', 'cfp_fp', 'agedb_30']
+    assert config.ckpt_embedding is False  # checkpoints keep fc7 (resume, finetune)
+
+
+def test_override_order_and_reset():
+    config, d = generate_config('y1', 'fairface', 'cosface')
+    assert config.emb_size == 128 and config.net_output == 'GDC' and config.loss_m3 == 0.35
+    assert config.num_classes == 4297 and config.val_targets == ['val']
+    # network presets override `default` keys they share (the demo recipe), and a new call resets them.
+    config, d = generate_config('demo', 'demo', 'arcface')
+    assert d.per_batch_size == network.demo.per_batch_size and d.lr == network.demo.lr
+    config, d = generate_config('r50', 'emore', 'arcface')
+    assert d.per_batch_size == 128 and d.lr == 0.1 and 'max_steps' in d and d.max_steps == 0
+    assert default is d
+
+
+def test_class_count_from_property(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'datasets' / 'demo_emore').mkdir(parents=True)
+    (tmp_path / 'datasets' / 'demo_emore' / 'property').write_text('321,112,112\n')
+    config, _ = generate_config('demo', 'demo', 'nsoftmax')
+    assert config.num_classes == 321
+
+
+def test_unknown_preset():
+    with pytest.raises(UserError, match="unknown network 'r1000'"):
+        generate_config('r1000', 'emore', 'arcface')

@@ -1,0 +1,89 @@
+"""Train a face-recognition network with a margin-softmax head (insightface's `train.py`, on Gluon).
+
+    python train/train.py --network r100 --loss arcface --dataset emore --gpus 0,1,2,3
+    python train/train.py --network demo --loss arcface --dataset demo --ctx cpu:2
+
+`--network --loss --dataset` pick the presets of `recognition/config.py` first; their values become the
+defaults of every other option. Checkpoints, logs, mxboard events and the `latest` pointer go to
+`<models-root>/<network>-<loss>-<dataset>/`.
+"""
+import argparse
+
+from easydict import EasyDict as edict
+
+from recognition.config import generate_config
+from recognition.utils import run_cli
+
+
+def parse_args(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--network', default='r100')
+    pre.add_argument('--loss', default='arcface')
+    pre.add_argument('--dataset', default='emore')
+    known, _ = pre.parse_known_args(argv)
+    config, default = generate_config(known.network, known.dataset, known.loss)
+
+    p = argparse.ArgumentParser(description='Train a face recognition model', parents=[pre],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--data-dir', default=config.dataset_path, help='dataset folder (train.rec, property, *.bin)')
+    p.add_argument('--val-targets', default=','.join(config.val_targets),
+                   help='verification .bin names in the dataset folder, comma separated ("" for none)')
+    p.add_argument('--models-root', default=default.models_root, help='root folder of the run folders')
+    p.add_argument('--run-name', default='', help='run folder name (default <network>-<loss>-<dataset>)')
+    p.add_argument('--pretrained', default=default.pretrained, help='prefix,epoch of a checkpoint to start from')
+    p.add_argument('--freeze-block', type=int, default=0, choices=(0, 1, 2),
+                   help='0 train all layers; 1 only fc7; 2 freeze up to bn1')
+    p.add_argument('--ckpt', type=int, default=default.ckpt, choices=(0, 1, 2, 3),
+                   help='0 never save; 1 save when the last val target improves; 2 save every --verbose '
+                        'batches; 3 like 1 but always as model-0001')
+    p.add_argument('--ckpt-embedding', action='store_true', default=config.ckpt_embedding,
+                   help='save only the fc1_output graph (release); default keeps fc7 for resume/finetune')
+    p.add_argument('--verbose', type=int, default=default.verbose, help='verify and checkpoint every N batches')
+    p.add_argument('--frequent', type=int, default=default.frequent, help='log every N batches')
+    p.add_argument('--max-steps', type=int, default=default.max_steps, help='stop after N steps (0: end-epoch)')
+    p.add_argument('--end-epoch', type=int, default=default.end_epoch)
+    p.add_argument('--lr', type=float, default=default.lr)
+    p.add_argument('--wd', type=float, default=default.wd)
+    p.add_argument('--mom', type=float, default=default.mom)
+    p.add_argument('--per-batch-size', type=int, default=default.per_batch_size, help='batch per context')
+    p.add_argument('--lr-steps', default=default.lr_steps, help='lr x0.1 at these global steps')
+    p.add_argument('--warmup', type=int, default=default.warmup, help='linear lr warmup steps')
+    p.add_argument('--cosine', action='store_true', default=default.cosine,
+                   help='cosine decay to 0 at --max-steps instead of --lr-steps')
+    p.add_argument('--auto-decay', type=int, default=default.auto_decay,
+                   help='lr x0.1 when the loss has not decreased for N steps (dlib test); 0 off')
+    p.add_argument('--emb-size', type=int, default=config.emb_size)
+    p.add_argument('--loss-s', type=float, default=config.get('loss_s'), help='margin head scale s')
+    p.add_argument('--loss-m1', type=float, default=config.get('loss_m1'))
+    p.add_argument('--loss-m2', type=float, default=config.get('loss_m2'))
+    p.add_argument('--loss-m3', type=float, default=config.get('loss_m3'))
+    p.add_argument('--fc7-lr-mult', type=float, default=config.fc7_lr_mult)
+    p.add_argument('--fc7-wd-mult', type=float, default=config.fc7_wd_mult)
+    p.add_argument('--kvstore', default=default.kvstore, help='device, local (or dist_sync, ...)')
+    p.add_argument('--gpus', default='', help='GPU ids, e.g. 0,1 (default: CUDA_VISIBLE_DEVICES)')
+    p.add_argument('--ctx', default='', help='cpu:N for N CPU contexts (multi-device on CPU)')
+    p.add_argument('--num-workers', type=int, default=default.num_workers, help='data loader processes')
+    p.add_argument('--resume', action='store_true', help='continue the run in the run folder exactly')
+    p.add_argument('--fp16', action='store_true', help='AMP + multi_precision on GPUs (no-op on CPU)')
+    p.add_argument('--seed', type=int, default=default.seed)
+    args = p.parse_args(argv)
+
+    opts = edict(config)
+    for k, v in vars(args).items():
+        if v is not None:
+            opts[k] = v
+    opts.dataset_path = args.data_dir
+    opts.val_targets = [t for t in args.val_targets.split(',') if t.strip()]
+    return opts
+
+
+def main(argv=None):
+    from recognition.training import train
+    summary = train(parse_args(argv))
+    if summary['interrupted']:
+        return 128 + int(summary['interrupted'])
+    return 0
+
+
+if __name__ == '__main__':
+    run_cli(main)
