@@ -138,3 +138,34 @@ def test_report_files(tmp_path):
     assert '![' in open(paths['md']).read()
     assert not [f for f in os.listdir(tmp_path / 'report') if f.endswith('.tmp')]
     assert 'AUC-ROC' in summary_text(result)
+
+
+def test_shared_sort_matches_sklearn_scipy_and_lstsq():
+    """The one-sort ROC, tie-averaged ranks and normal-equation regression agree with the libraries."""
+    from scipy.stats import rankdata
+    from sklearn.metrics import roc_auc_score, roc_curve
+    from recognition.evaluation.fairness import Ranked, adjusted_group_effects, auc, normalised_ranks
+    pairs = synthetic(seed=6, n_images=300, n_pairs=4000, plant=(2, False, 0.2))
+    pairs.scores = np.round(pairs.scores, 2)  # many ties
+    ranked = Ranked(pairs.scores, pairs.labels)
+    for keep in (None, pairs.groups['gender'] == 1):
+        m = slice(None) if keep is None else keep
+        want = roc_curve(pairs.labels[m], pairs.scores[m])
+        for got, ref in zip(ranked.roc(keep), want):
+            np.testing.assert_allclose(got, ref)
+        assert auc(*ranked.roc(keep)[:2]) == pytest.approx(roc_auc_score(pairs.labels[m], pairs.scores[m]))
+    np.testing.assert_allclose(normalised_ranks(pairs.scores), (rankdata(pairs.scores) - 0.5) / len(pairs.scores))
+    neg = ~pairs.labels
+    ranks = ranked.polarity_ranks(False)
+    np.testing.assert_allclose(ranks[neg], (rankdata(pairs.scores[neg]) - 0.5) / neg.sum())
+    group = np.where(neg, pairs.groups['gender_skin'], -1)
+    effects, _, used = adjusted_group_effects(ranks, group, 4, pairs, neg)
+    # Reference: the explicit design (group one-hot + level counts minus each first level) and lstsq.
+    inside = group >= 0
+    cols = [np.eye(4)[group[inside]]]
+    for col in used:
+        l1, l2, names = pairs.legitimate[col]
+        counts = np.eye(len(names))[l1[inside]] + np.eye(len(names))[l2[inside]]
+        cols.append(counts[:, np.nonzero(counts.sum(0))[0][1:]])
+    coef = np.linalg.lstsq(np.hstack(cols), ranks[inside], rcond=None)[0]
+    np.testing.assert_allclose(effects, coef[:4], atol=1e-9)

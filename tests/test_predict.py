@@ -71,6 +71,56 @@ def test_predictions_format_order_and_mean_fusion(setup):
     assert not (root / 'concat.csv').exists()
 
 
+def smooth_face(seed):
+    """A smooth 112x112 BGR image: resampling it twice (into a photo and back) changes it little."""
+    coarse = np.random.RandomState(seed).randint(0, 256, (7, 7, 3)).astype(np.uint8)
+    return cv2.resize(coarse, (112, 112), interpolation=cv2.INTER_CUBIC)
+
+
+def test_predict_aligns_photos_from_landmarks_and_detection(setup, tmp_path):
+    """Unaligned photos end to end: two are aligned crops placed in a larger canvas by a known similarity
+    transform (so their true landmarks are the moved template points), one is an astronaut photo that
+    MTCNN must find. The written predictions are the model's scores of the crops in template order."""
+    from skimage import data
+    from recognition.align import REPORT_NAME, read_report, template, transform_points
+    root, cli = setup
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    lines, faces = [], {}
+    for tid, (angle, scale, shift) in [('20', (15, 1.7, (60, 40))), ('21', (-10, 1.3, (30, 70)))]:
+        faces[tid] = smooth_face(int(tid))
+        M = cv2.getRotationMatrix2D((0, 0), angle, scale)
+        M[:, 2] += shift
+        cv2.imwrite(str(photos / f'{tid}.png'), cv2.warpAffine(faces[tid], M, (300, 280)))
+        lines.append(f'{tid}.png ' + ' '.join(f'{v:.4f}' for v in transform_points(M, template(112)).ravel()))
+    (tmp_path / 'landmarks.txt').write_text('\n'.join(lines) + '\n')
+    cv2.imwrite(str(photos / '22.jpg'), np.ascontiguousarray(data.astronaut()[:300, 80:400, ::-1]))
+    pairs = [('22', '20'), ('20', '21'), ('21', '22')]
+    (tmp_path / 'template.csv').write_text('TEMPLATE_ID1,TEMPLATE_ID2,SCORE\n'
+                                           + ''.join(f'{a},{b},\n' for a, b in pairs))
+    model = str(root / 'final_eval_models' / 'a_model')
+    out = tmp_path / 'out' / 'predictions.csv'
+    out.parent.mkdir()
+    cli.main(['--images', str(photos), '--landmarks', str(tmp_path / 'landmarks.txt'), '--template',
+              str(tmp_path / 'template.csv'), '--models', model, '--out', str(out)])
+    aligned = tmp_path / 'out' / 'aligned'
+    status = {r.path: r.status for r in read_report(str(aligned / REPORT_NAME))}
+    assert status == {'20.png': 'given', '21.png': 'given', '22.jpg': 'detected'}
+    for tid, face in faces.items():  # the warp is undone: the crop is the original face again
+        crop = cv2.imread(str(aligned / f'{tid}.jpg')).astype(float)
+        assert np.abs(crop[4:-4, 4:-4] - face[4:-4, 4:-4]).mean() < 4.0
+    rows = [line.split(',') for line in out.read_text().splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == pairs
+    emb = load_model_dir(model)
+    feats = {t: emb.embed(read_image(str(aligned / f'{t}.jpg'))[None])[0] for t in ('20', '21', '22')}
+    np.testing.assert_allclose([float(r[2]) for r in rows], [feats[a] @ feats[b] for a, b in pairs], atol=2e-6)
+    # A second run reuses the crops (skip_existing) and gives the same file.
+    first = out.read_text()
+    cli.main(['--images', str(photos), '--landmarks', str(tmp_path / 'landmarks.txt'), '--template',
+              str(tmp_path / 'template.csv'), '--models', model, '--out', str(out)])
+    assert out.read_text() == first
+
+
 def test_missing_images(setup):
     root, cli = setup
     template = root / 'missing.csv'

@@ -11,8 +11,6 @@ but in no group of that attribute; their number is reported.
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import rankdata
-from sklearn.metrics import auc, roc_curve
 
 from recognition.evaluation.ensemble import read_pairs_csv
 from recognition.utils import UserError
@@ -156,31 +154,89 @@ def tar_at_far(fpr, tpr, far):
 
 def eer(scores, labels, roc=None):
     """(equal error rate, its threshold): where FMR and FNMR cross on the ROC."""
-    fpr, tpr, thr = roc if roc is not None else roc_curve(labels, scores)
+    fpr, tpr, thr = roc if roc is not None else Ranked(scores, labels).roc()
     fnr = 1.0 - tpr
     i = int(np.argmin(np.abs(fnr - fpr)))
     return float((fpr[i] + fnr[i]) / 2.0), float(thr[i])
 
 
-def fmr_threshold(scores, labels, target=FMR_TARGET):
+def fmr_threshold(scores, labels, target=FMR_TARGET, impostors_desc=None):
     """The lowest threshold t (match = score >= t) whose FMR over all impostor pairs is <= target."""
-    neg = np.sort(scores[~labels])[::-1]
+    neg = np.sort(scores[~labels])[::-1] if impostors_desc is None else impostors_desc
     allowed = int(np.floor(target * len(neg)))
     if allowed >= len(neg):
         return float(neg[-1])
     return float(np.nextafter(neg[allowed], np.inf))
 
 
+def _tie_averaged_ranks(desc):
+    """1-based ascending ranks of values sorted descending, ties sharing their average rank."""
+    n = len(desc)
+    starts = np.r_[0, np.nonzero(desc[1:] != desc[:-1])[0] + 1]
+    ends = np.r_[starts[1:], n]
+    # positions s..e-1 (descending) hold ascending ranks n-s .. n-e+1; their mean:
+    return np.repeat(n - (starts + ends - 1) / 2.0, ends - starts)
+
+
 def normalised_ranks(scores):
     """Ranks scaled to (0, 1) with mean 0.5 (ties share their average rank)."""
-    return (rankdata(scores) - 0.5) / len(scores)
+    order = np.argsort(-scores, kind='stable')
+    out = np.empty(len(scores))
+    out[order] = (_tie_averaged_ranks(scores[order]) - 0.5) / len(scores)
+    return out
+
+
+def roc_from_sorted(labels_desc, scores_desc):
+    """(fpr, tpr, thresholds) of labels and scores already sorted by score descending.
+
+    The same curve as sklearn's roc_curve (drop_intermediate=True, a first threshold at inf), without
+    its sort, so the whole evaluation shares one sort of the scores.
+    """
+    idx = np.r_[np.nonzero(scores_desc[1:] != scores_desc[:-1])[0], len(scores_desc) - 1]
+    tps = np.cumsum(labels_desc, dtype=np.int64)[idx]
+    fps = idx + 1 - tps
+    thr = scores_desc[idx]
+    if len(fps) > 2:
+        corner = np.nonzero(np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True])[0]
+        fps, tps, thr = fps[corner], tps[corner], thr[corner]
+    fps, tps = np.r_[0, fps], np.r_[0, tps]
+    return fps / fps[-1], tps / tps[-1], np.r_[np.inf, thr]
+
+
+def auc(fpr, tpr):
+    """Area under a ROC curve (trapezoids)."""
+    return float(np.trapz(tpr, fpr))
+
+
+class Ranked:
+    """The pairs sorted once by score, descending: every ROC, threshold and rank derives from this."""
+
+    def __init__(self, scores, labels):
+        self.order = np.argsort(-scores, kind='stable')
+        self.scores = scores[self.order]
+        self.labels = labels[self.order]
+
+    def roc(self, keep=None):
+        """ROC of all pairs, or of those where the boolean mask `keep` (in pair order) is set."""
+        if keep is None:
+            return roc_from_sorted(self.labels, self.scores)
+        sel = keep[self.order]
+        return roc_from_sorted(self.labels[sel], self.scores[sel])
+
+    def polarity_ranks(self, positive):
+        """Normalised ranks of the pairs of one polarity among themselves (0 for the other pairs)."""
+        sel = self.labels == positive
+        out = np.zeros(len(self.scores))
+        n = int(sel.sum())
+        if n:
+            out[self.order[sel]] = (_tie_averaged_ranks(self.scores[sel]) - 0.5) / n
+        return out
 
 
 def _group_means(values, group, n_groups):
-    """Mean and count of `values` per group index (>= 0)."""
-    inside = group >= 0
-    count = np.bincount(group[inside], minlength=n_groups)
-    total = np.bincount(group[inside], weights=values[inside], minlength=n_groups)
+    """Mean and count of `values` per group index (>= 0); -1 rows are ignored."""
+    count = np.bincount(group + 1, minlength=n_groups + 1)[1:]
+    total = np.bincount(group + 1, weights=values, minlength=n_groups + 1)[1:]
     with np.errstate(invalid='ignore', divide='ignore'):
         return total / count, count
 
@@ -195,39 +251,65 @@ def _spread(values, names, se=None):
             'se': None if se is None else float(se(hi, lo))}
 
 
-def _design(pairs, mask, group, n_groups):
-    """Least-squares design: group one-hot (no intercept) + legitimate level counts (first level dropped)."""
-    blocks = [np.eye(n_groups, dtype=np.float32)[group[mask]]]
-    used = []
+def legitimate_counts(pairs, rows):
+    """Dense counts of every legitimate level among the two images of each pair in `rows`.
+
+    Returns (L, spans, levels): L is (len(rows), all levels) float32, spans lists each column's
+    (name, offset, number of levels), levels maps a column to the level arrays of both images in `rows`.
+    """
+    spans, levels, width = [], {}, 0
     for col, (l1, l2, names) in pairs.legitimate.items():
-        n = len(names)
-        counts = np.zeros((int(mask.sum()), n), dtype=np.float32)
-        rows = np.arange(counts.shape[0])
-        counts[rows, l1[mask]] += 1.0  # one entry per row in each statement: no lost duplicates
-        counts[rows, l2[mask]] += 1.0
-        present = counts.sum(axis=0) > 0
-        keep = np.nonzero(present)[0][1:]  # drop the first present level: the reference
-        if len(keep):
-            blocks.append(counts[:, keep])
-            used.append(col)
-    return np.hstack(blocks), used
+        spans.append((col, width, len(names)))
+        levels[col] = (l1[rows], l2[rows])
+        width += len(names)
+    L = np.zeros(len(rows) * width, dtype=np.float32)
+    base = np.arange(len(rows), dtype=np.int64) * width
+    for col, off, _ in spans:
+        for lev in levels[col]:
+            L[base + off + lev] += 1.0  # one entry per row in each statement: no lost duplicates
+    return L.reshape(len(rows), width), spans, levels
 
 
-def adjusted_group_effects(ranks, group, n_groups, pairs, mask):
-    """Group coefficients of `rank ~ group + legitimate attributes` and their covariance."""
-    inside = mask & (group >= 0)
-    present = np.bincount(group[inside], minlength=n_groups) > 0
-    remap = np.cumsum(present) - 1
-    X, used = _design(pairs, inside, remap[group], int(present.sum()))
-    y = ranks[inside]
-    # Normal equations: the design is a few dozen indicator columns, so X'X is small and well scaled.
-    xtx_inv = np.linalg.pinv((X.T @ X).astype(np.float64))
-    coef = xtx_inv @ (X.T @ y.astype(np.float32)).astype(np.float64)
-    resid = y - (X @ coef.astype(np.float32)).astype(np.float64)
-    dof = max(len(y) - X.shape[1], 1)
-    sigma2 = float(resid @ resid) / dof
-    cov = sigma2 * xtx_inv
+def adjusted_group_effects(ranks, group, n_groups, pairs, mask, legit=None):
+    """Group coefficients of `rank ~ group + legitimate attributes` (least squares) and their covariance.
+
+    Design: group one-hot (no intercept) + per legitimate column the count of each level among the two
+    images, first present level dropped as the reference. Solved from the normal equations, whose
+    blocks come from bincounts and one small matrix product, never from the full design matrix.
+    `legit` is legitimate_counts(pairs, nonzero(mask)) when the caller shares it between attributes.
+    """
+    rows = np.nonzero(mask)[0]
+    L, spans, levels = legit if legit is not None else legitimate_counts(pairs, rows)
+    g = group[rows]
+    inside = g >= 0
+    present = np.bincount(g[inside], minlength=n_groups) > 0
     k = int(present.sum())
+    gi = (np.cumsum(present) - 1)[g[inside]]
+    y = ranks[rows][inside]
+    Li = L[inside]
+    width = L.shape[1]
+    GtL = np.zeros((k, width))
+    Lty = np.zeros(width)
+    for col, off, n in spans:
+        for lev in (lv[inside] for lv in levels[col]):
+            GtL[:, off:off + n] += np.bincount(gi * n + lev, minlength=k * n).reshape(k, n)
+            Lty[off:off + n] += np.bincount(lev, weights=y, minlength=n)
+    LtL = (Li.T @ Li).astype(np.float64)
+    XtX = np.block([[np.diag(np.bincount(gi, minlength=k).astype(np.float64)), GtL], [GtL.T, LtL]])
+    Xty = np.r_[np.bincount(gi, weights=y, minlength=k), Lty]
+    keep, used = list(range(k)), []
+    level_total = np.diag(LtL)
+    for col, off, n in spans:
+        levels = [off + j for j in range(n) if level_total[off + j] > 0][1:]  # first present: reference
+        if levels:
+            keep += [k + j for j in levels]
+            used.append(col)
+    XtX, Xty = XtX[np.ix_(keep, keep)], Xty[keep]
+    xtx_inv = np.linalg.pinv(XtX)
+    coef = xtx_inv @ Xty
+    rss = max(float(y @ y - 2 * coef @ Xty + coef @ XtX @ coef), 0.0)
+    sigma2 = rss / max(len(y) - len(keep), 1)
+    cov = sigma2 * xtx_inv
     effects = np.full(n_groups, np.nan)
     effects[present] = coef[:k]
     full_cov = np.full((n_groups, n_groups), np.nan)
@@ -236,16 +318,7 @@ def adjusted_group_effects(ranks, group, n_groups, pairs, mask):
     return effects, full_cov, used
 
 
-def _polarity_ranks(pairs, positive):
-    """Normalised ranks of the pairs of one polarity (0 elsewhere)."""
-    mask = pairs.labels == positive
-    ranks = np.zeros(len(pairs.scores))
-    if mask.any():
-        ranks[mask] = normalised_ranks(pairs.scores[mask])
-    return ranks
-
-
-def _polarity_bias(pairs, attr, positive, ranks):
+def _polarity_bias(pairs, attr, positive, ranks, legit=None):
     """(a) rank spread and (b) adjusted spread for one attribute on the positive or the negative pairs."""
     names = ATTRIBUTES[attr]
     mask = pairs.labels == positive
@@ -257,7 +330,7 @@ def _polarity_bias(pairs, attr, positive, ranks):
            'mean_rank': {n: (None if not np.isfinite(m) else float(m)) for n, m in zip(names, means)},
            'rank': _spread(means, names, rank_se)}
     if (counts > 0).sum() >= 2:
-        effects, cov, used = adjusted_group_effects(ranks, group, len(names), pairs, mask)
+        effects, cov, used = adjusted_group_effects(ranks, group, len(names), pairs, mask, legit)
         adj_se = lambda i, j: np.sqrt(max(cov[i, i] + cov[j, j] - 2 * cov[i, j], 0.0))
         centred = effects - np.nanmean(effects)
         out['adjusted_effect'] = {n: (None if not np.isfinite(e) else float(e)) for n, e in zip(names, centred)}
@@ -292,14 +365,15 @@ def _error_rates(pairs, attr, threshold):
             'fnmr_diff': _spread([np.nan if v is None else v for v in fnmr], names)['spread']}
 
 
-def group_roc(pairs, attr):
+def group_roc(pairs, attr, ranked=None):
     """{group: (fpr, tpr, auc)} for the groups holding both positive and negative pairs."""
+    ranked = ranked or Ranked(pairs.scores, pairs.labels)
     out = {}
     for g, name in enumerate(ATTRIBUTES[attr]):
         m = pairs.groups[attr] == g
         if m.any() and 0 < pairs.labels[m].sum() < m.sum():
-            fpr, tpr, _ = roc_curve(pairs.labels[m], pairs.scores[m])
-            out[name] = (fpr, tpr, float(auc(fpr, tpr)))
+            fpr, tpr, _ = ranked.roc(m)
+            out[name] = (fpr, tpr, auc(fpr, tpr))
     return out
 
 
@@ -309,24 +383,29 @@ def evaluate_pairs(pairs):
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         raise UserError(f'ground truth: need positive and negative pairs (got {n_pos} and {n_neg})')
-    roc = roc_curve(labels, scores)
+    ranked = Ranked(scores, labels)
+    roc = ranked.roc()
     fpr, tpr, _ = roc
     eer_value, eer_thr = eer(scores, labels, roc)
-    thresholds = {'fmr_1e-3': fmr_threshold(scores, labels), 'eer': eer_thr}
+    thresholds = {'fmr_1e-3': fmr_threshold(scores, labels, impostors_desc=ranked.scores[~ranked.labels]),
+                  'eer': eer_thr}
     result = {
         'pairs': {'total': len(scores), 'positive': n_pos, 'negative': n_neg},
-        'accuracy': {'auc': float(auc(fpr, tpr)),
+        'accuracy': {'auc': auc(fpr, tpr),
                      'tar_at_far': {f'{f:.0e}': tar_at_far(fpr, tpr, f) for f in FAR_TARGETS},
                      'eer': eer_value, 'thresholds': thresholds},
         'bias': {}, 'group_auc': {}, 'mixed_pairs': {},
     }
-    ranks = {True: _polarity_ranks(pairs, True), False: _polarity_ranks(pairs, False)}
+    polarity = {}
+    for positive in (True, False):
+        rows = np.nonzero(labels == positive)[0]
+        polarity[positive] = (ranked.polarity_ranks(positive), legitimate_counts(pairs, rows))
     for attr in ATTRIBUTES:
-        result['group_auc'][attr] = {g: v[2] for g, v in group_roc(pairs, attr).items()}
+        result['group_auc'][attr] = {g: v[2] for g, v in group_roc(pairs, attr, ranked).items()}
         result['mixed_pairs'][attr] = int((pairs.groups[attr] < 0).sum())
         result['bias'][attr] = {
-            'positive': _polarity_bias(pairs, attr, True, ranks[True]),
-            'negative': _polarity_bias(pairs, attr, False, ranks[False]),
+            'positive': _polarity_bias(pairs, attr, True, *polarity[True]),
+            'negative': _polarity_bias(pairs, attr, False, *polarity[False]),
             'error_rates': {name: _error_rates(pairs, attr, t) for name, t in thresholds.items()},
         }
     result['worst_group'] = worst_group(result)
