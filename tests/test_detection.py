@@ -9,7 +9,7 @@ ort = pytest.importorskip('onnxruntime')
 from skimage import data  # noqa: E402
 
 from recognition.detection import MTCNNDetector, load_nets, onnx_path  # noqa: E402
-from recognition.detection.mtcnn import cache_dir, nms  # noqa: E402
+from recognition.detection.mtcnn import PReLU, cache_dir, nms  # noqa: E402
 
 # Our blocks vs onnxruntime on the same float32 input: observed differences are ~1e-6.
 ATOL = 1e-4
@@ -134,3 +134,20 @@ def test_nms_union_and_min():
     boxes = np.array([[0, 0, 9, 9, 0.9], [1, 1, 10, 10, 0.8], [20, 20, 29, 29, 0.7], [2, 2, 5, 5, 0.95]])
     assert sorted(nms(boxes, 0.5, 'union')) == [0, 2, 3]   # box 1 overlaps box 0 by IoU ~0.68
     assert sorted(nms(boxes, 0.5, 'min')) == [2, 3]        # box 3 lies inside 0 and 1
+
+
+@pytest.mark.parametrize('flip', [False, True])
+def test_fast_prelu_is_bit_identical_to_leakyrelu(flip):
+    """The max(x, a*x) form (and its sign-flipped variant for slopes above 1) equals MXNet's prelu."""
+    rng = np.random.RandomState(int(flip))
+    alpha = rng.uniform(-1.3, 1.3 if flip else 1.0, 6).astype(np.float32)
+    x = mx.nd.array(rng.randn(2, 6, 5, 7) * 3)
+    x[0, 0, 0, :2] = 0
+    block = PReLU(6)
+    block.initialize()
+    block.alpha.set_data(mx.nd.array(alpha))
+    block.flip = flip
+    reference = mx.nd.LeakyReLU(x, mx.nd.array(alpha), act_type='prelu').asnumpy()
+    np.testing.assert_array_equal(block(x).asnumpy(), reference)
+    block.hybridize()
+    np.testing.assert_array_equal(block(x).asnumpy(), reference)

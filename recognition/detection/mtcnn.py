@@ -33,16 +33,49 @@ def _conv(channels, kernel, in_channels):
     return nn.Conv2D(channels, kernel, in_channels=in_channels)
 
 
+class PReLU(HybridBlock):
+    """Channel-wise PReLU for inference, bit-identical to `LeakyReLU(act_type='prelu')` but faster.
+
+    MXNet's prelu kernel (a generic broadcast) costs more than all MTCNN convolutions together.
+    For a slope a <= 1, prelu(x) = max(x, a*x), and a*x is a depthwise 1x1 convolution (one
+    rounding, as in prelu), so the op runs on MKLDNN plus one elementwise max. A slope a > 1 would
+    need min(x, a*x) = -max(-x, -a*x), so nets whose slopes exceed 1 (`flip` set by `load_net` from
+    the loaded weights) flip those channels' signs around the max, again with exact +-1 scalings.
+    After a dense layer (`dense=True`: tiny inputs) it is the plain op. The parameter is `alpha` as in
+    `nn.PReLU`, so converted weight files are unchanged.
+    """
+
+    def __init__(self, channels, dense=False, **kwargs):
+        super().__init__(**kwargs)
+        self.channels, self.dense = channels, dense
+        self.flip = True    # the general form until the loaded slopes say otherwise
+        with self.name_scope():
+            self.alpha = self.params.get('alpha', shape=(channels,), init=mx.init.Constant(0.25))
+
+    def _scale(self, F, x, per_channel):
+        return F.Convolution(x, F.reshape(per_channel, (-1, 1, 1, 1)), kernel=(1, 1), no_bias=True,
+                             num_filter=self.channels, num_group=self.channels)
+
+    def hybrid_forward(self, F, x, alpha):
+        if self.dense:
+            return F.LeakyReLU(x, alpha, act_type='prelu')
+        if not self.flip:
+            return F.maximum(x, self._scale(F, x, alpha))
+        sign = 1 - 2 * (alpha > 1)
+        flipped = self._scale(F, x, sign)
+        return self._scale(F, F.maximum(flipped, self._scale(F, x, sign * alpha)), sign)
+
+
 class PNet(HybridBlock):
     """Proposal net: fully convolutional, 12x12 receptive field, stride 2. Returns (prob, bbox)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
-            self.conv1, self.prelu1 = _conv(10, 3, 3), nn.PReLU(in_channels=10)
+            self.conv1, self.prelu1 = _conv(10, 3, 3), PReLU(10)
             self.pool1 = nn.MaxPool2D(2, 2, ceil_mode=True)
-            self.conv2, self.prelu2 = _conv(16, 3, 10), nn.PReLU(in_channels=16)
-            self.conv3, self.prelu3 = _conv(32, 3, 16), nn.PReLU(in_channels=32)
+            self.conv2, self.prelu2 = _conv(16, 3, 10), PReLU(16)
+            self.conv3, self.prelu3 = _conv(32, 3, 16), PReLU(32)
             self.score = _conv(2, 1, 32)
             self.bbox = _conv(4, 1, 32)
 
@@ -59,12 +92,12 @@ class RNet(HybridBlock):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
-            self.conv1, self.prelu1 = _conv(28, 3, 3), nn.PReLU(in_channels=28)
+            self.conv1, self.prelu1 = _conv(28, 3, 3), PReLU(28)
             self.pool1 = nn.MaxPool2D(3, 2, ceil_mode=True)
-            self.conv2, self.prelu2 = _conv(48, 3, 28), nn.PReLU(in_channels=48)
+            self.conv2, self.prelu2 = _conv(48, 3, 28), PReLU(48)
             self.pool2 = nn.MaxPool2D(3, 2)
-            self.conv3, self.prelu3 = _conv(64, 2, 48), nn.PReLU(in_channels=64)
-            self.fc, self.prelu4 = nn.Dense(128, in_units=576), nn.PReLU(in_channels=128)
+            self.conv3, self.prelu3 = _conv(64, 2, 48), PReLU(64)
+            self.fc, self.prelu4 = nn.Dense(128, in_units=576), PReLU(128, dense=True)
             self.score = nn.Dense(2, in_units=128)
             self.bbox = nn.Dense(4, in_units=128)
 
@@ -82,14 +115,14 @@ class ONet(HybridBlock):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
-            self.conv1, self.prelu1 = _conv(32, 3, 3), nn.PReLU(in_channels=32)
+            self.conv1, self.prelu1 = _conv(32, 3, 3), PReLU(32)
             self.pool1 = nn.MaxPool2D(3, 2, ceil_mode=True)
-            self.conv2, self.prelu2 = _conv(64, 3, 32), nn.PReLU(in_channels=64)
+            self.conv2, self.prelu2 = _conv(64, 3, 32), PReLU(64)
             self.pool2 = nn.MaxPool2D(3, 2)
-            self.conv3, self.prelu3 = _conv(64, 3, 64), nn.PReLU(in_channels=64)
+            self.conv3, self.prelu3 = _conv(64, 3, 64), PReLU(64)
             self.pool3 = nn.MaxPool2D(2, 2, ceil_mode=True)
-            self.conv4, self.prelu4 = _conv(128, 2, 64), nn.PReLU(in_channels=128)
-            self.fc, self.prelu5 = nn.Dense(256, in_units=1152), nn.PReLU(in_channels=256)
+            self.conv4, self.prelu4 = _conv(128, 2, 64), PReLU(128)
+            self.fc, self.prelu5 = nn.Dense(256, in_units=1152), PReLU(256, dense=True)
             self.score = nn.Dense(2, in_units=256)
             self.bbox = nn.Dense(4, in_units=256)
             self.landmark = nn.Dense(10, in_units=256)
@@ -211,7 +244,15 @@ def load_net(name, ctx=None):
         os.remove(path)
         path, _ = _cached_params(name)
         net.load_parameters(path, ctx=ctx)
+    _set_flips(net)
     return net
+
+
+def _set_flips(net):
+    """Let each PReLU take its fast form unless its loaded slopes exceed 1 (see `PReLU`)."""
+    for block in net._children.values():
+        if isinstance(block, PReLU):
+            block.flip = bool((block.alpha.data() > 1).sum().asscalar())
 
 
 def load_nets(ctx=None):
@@ -295,10 +336,30 @@ class MTCNNDetector:
         self.thresholds = tuple(float(t) for t in thresholds)
         self.factor = factor
         self.pnet, self.rnet, self.onet = load_nets(self.ctx)
-        # R/O-Net see one batch per image; P-Net sees a new shape per pyramid level, where
-        # imperative calls avoid re-binding a cached graph.
-        self.rnet.hybridize()
-        self.onet.hybridize()
+        # Cached graphs cut the per-op cost of these small nets. P-Net levels also get one static
+        # graph per shape (`_net_for`); R/O-Net batch sizes change per image, and zero-padding
+        # them to a few static shapes measured no faster (and is not bit-identical).
+        for net in (self.pnet, self.rnet, self.onet):
+            net.hybridize()
+        self._static = {}
+
+    # Input shapes with their own static graph (bounded, for inputs of many sizes).
+    MAX_STATIC_SHAPES = 64
+
+    def _net_for(self, net, shape):
+        """`net` (sharing its weights) with a static graph for input `shape`. Pyramid levels repeat
+        a few shapes, and a fixed graph per shape skips re-planning memory on every call (plain
+        hybridization re-plans whenever the shape changes)."""
+        key = (net.prefix, shape)
+        static = self._static.get(key)
+        if static is None:
+            if len(self._static) >= self.MAX_STATIC_SHAPES:
+                return net
+            static = type(net)(prefix=net.prefix, params=net.collect_params())
+            _set_flips(static)
+            static.hybridize(static_alloc=True, static_shape=True)
+            self._static[key] = static
+        return static
 
     def config(self):
         """Constructor arguments (without ctx), so worker processes can build an equal detector."""
@@ -323,7 +384,8 @@ class MTCNNDetector:
         for scale in self.scales(h, w):
             hs, ws = int(np.ceil(h * scale)), int(np.ceil(w * scale))
             level = cv2.resize(rgb, (ws, hs), interpolation=cv2.INTER_AREA)
-            prob, reg = self.pnet(self._nd(level.transpose(2, 0, 1)[None]))
+            blob = cv2.dnn.blobFromImage(level)  # 1 x 3 x hs x ws float32
+            prob, reg = self._net_for(self.pnet, blob.shape)(self._nd(blob))
             prob, reg = prob[0, 1].asnumpy(), reg[0].asnumpy()
             ys, xs = np.nonzero(prob >= self.thresholds[0])
             if len(ys) == 0:
