@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.data.dataset import FaceRecordDataset, train_loader
+from recognition.data.dataset import FaceRecordDataset, batch_to_nchw, train_loader
 from recognition.data.record import IdentityRecordWriter
 from recognition.data.transforms import TrainTransform, train_transform
 from recognition.utils import UserError
@@ -151,6 +151,19 @@ def test_worker_processes_give_the_same_batches(rec):
     assert single[0][1].shape == (5, 3)
     in_order = next(iter(train_loader(ds, 5, shuffle=False, num_workers=1)))[0].asnumpy()
     np.testing.assert_array_equal(in_order, np.stack([ds[i][0] for i in range(5)]))
+
+
+def test_batches_of_float_transforms_and_the_batch_conversion(rec):
+    hwc = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
+    out = batch_to_nchw(hwc)
+    assert isinstance(out, mx.nd.NDArray) and out.dtype == np.float32
+    np.testing.assert_array_equal(out.asnumpy(), hwc.transpose(0, 3, 1, 2).astype(np.float32))
+    np.testing.assert_array_equal(batch_to_nchw(mx.nd.array(hwc, dtype=np.uint8)).asnumpy(), out.asnumpy())
+    ds = FaceRecordDataset(rec, transform=train_transform(mirror=False, color=0.5, seed=0))
+    for workers in (0, 1):
+        batches = [d.asnumpy() for d, _ in train_loader(ds, 6, shuffle=False, num_workers=workers)]
+        assert len(batches) == 2 and batches[0].shape == (6, 3, 112, 112) and batches[0].dtype == np.float32
+        assert 0 <= batches[0].min() and batches[0].max() <= 255 and not np.all(batches[0] == np.round(batches[0]))
 
 
 def test_show_record_cli(tmp_path, rec, monkeypatch):

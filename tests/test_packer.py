@@ -76,6 +76,33 @@ def test_pack_round_trip_with_attributes(tmp_path):
     assert (tmp_path / 'property').read_text().strip() == '5,112,112'
 
 
+def test_code_meanings_from_a_file_beside_the_csv_or_an_argument(tmp_path):
+    csv_path = make_faces(str(tmp_path))
+    packer.write_codes(packer.codes_path(csv_path), {'AGE': {20: '20 years', 21: '21 years', 22: '22 years'},
+                                                     'GENDER': {0: 'female', 1: 'male'}})
+    assert packer.codes_path(csv_path) == str(tmp_path / 'train_attributes.codes.json')
+    packer.pack(str(tmp_path / 'train'), attributes=csv_path)
+    _, codes = read_attributes(str(tmp_path / 'train.attributes.json'))
+    assert codes['age'] == {20: '20 years', 21: '21 years', 22: '22 years'}
+    assert codes['gender'] == {0: 'female', 1: 'male'} and codes['skin_colour'] == {0: 'light', 1: 'dark'}
+    assert codes['head_pose'] == {0: 'frontal', 1: 'left', 2: 'right'}   # text column: its own codes
+
+    # an explicit argument replaces the file beside the CSV
+    packer.pack(str(tmp_path / 'train'), attributes=csv_path, codes={'age': {20: 'a', 21: 'b', 22: 'c'}})
+    assert read_attributes(str(tmp_path / 'train.attributes.json'))[1]['age'] == {20: 'a', 21: 'b', 22: 'c'}
+
+    bad = [({'AGE': {20: 'x'}}, 'no meaning for code.*21, 22'),
+           ({'GENDER': {0: 'male'}}, 'contradict'),
+           ({'HEIGHT': {0: 'short'}}, 'no column for'),
+           ({'GLASSES': {0: 'no'}}, 'non-integer')]
+    for codes, message in bad:
+        with pytest.raises(UserError, match=message):
+            packer.pack(str(tmp_path / 'train'), attributes=csv_path, codes=codes)
+    (tmp_path / 'train_attributes.codes.json').write_text('[1, 2]')
+    with pytest.raises(UserError, match='train_attributes.codes.json: not an attribute codes file'):
+        packer.pack(str(tmp_path / 'train'), attributes=csv_path)
+
+
 def test_unaligned_rows_are_aligned_with_landmarks(tmp_path):
     photo = np.full((200, 240, 3), 40, np.uint8)
     lmk = template() * 1.4 + np.array([50.0, 20.0])   # face scaled and shifted in a bigger photo

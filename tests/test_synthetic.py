@@ -158,7 +158,9 @@ def test_emore_layout_with_raw_recordio(demo):
     assert position == first
     side = json.loads((folder / 'train.attributes.json').read_text())
     assert side['names'] == ['gender', 'skin_colour', 'age', 'glasses', 'head_pose']
-    assert side['codes']['gender'] == {'0': 'female', '1': 'male'}
+    assert side['codes'] == {'gender': {'0': 'female', '1': 'male'}, 'skin_colour': {'0': 'light', '1': 'dark'},
+                             'age': {'0': '18-34', '1': '35-54', '2': '55+'}, 'glasses': {'0': 'no', '1': 'yes'},
+                             'head_pose': {'0': 'frontal', '1': 'non-frontal'}}
     for name in ('lfw', 'cfp_fp'):
         bins, issame = read_bin(folder / f'{name}.bin')
         assert len(bins) == 2 * len(issame) and sum(issame) * 2 == len(issame)
@@ -186,12 +188,19 @@ def test_fairface_layout(demo):
     first = rows[0]        # identity folders sort like the subject ids, so label == SUBJECT_ID
     assert list(h1.label) == [float(first[1]), 1.0] + [float(v) for v in first[2:]]
     assert len(os.listdir(folder / 'train')) == 8
+    # the generator states what its codes mean; the packer copied them into the rec's sidecar
+    codes = json.loads((folder / 'train_attributes.codes.json').read_text())
+    assert sorted(codes) == sorted(S.TRAIN_COLUMNS[2:]) and codes['AGE']['2'] == '55+'
+    side = json.loads((folder / 'train.attributes.json').read_text())
+    assert side['codes']['head_pose'] == {'0': 'frontal', '1': 'non-frontal'}
+    assert {int(r[4]) for r in rows} <= {int(k) for k in codes['AGE']}
 
     subjects = {}
     for split in ('val', 'test'):
         d = folder / split
         meta_header, meta = _read_csv(d / 'metadata.csv')
         assert meta_header == list(S.METADATA_COLUMNS)
+        assert json.loads((d / 'metadata.codes.json').read_text())['SOURCE'] == {'0': 'still', '1': 'video-frame'}
         assert len(meta) == 8 * 3 == len(os.listdir(d / 'images'))
         subjects[split] = {m[1] for m in meta}
         lines = (d / 'landmarks.txt').read_text().splitlines()

@@ -4,13 +4,14 @@ Only the index lives in memory (keys, shard of each sample, identity ranges): im
 `pread` and decoded with cv2 on demand, so the dataset opens MS1M-sized recs in seconds and forks
 cheaply into DataLoader workers.
 """
-import copy
+import ctypes
 import glob
 import os
 
 import cv2
 import numpy as np
 from mxnet import gluon, nd
+from mxnet.base import _LIB, check_call
 import mxnet as mx
 
 from recognition.data.record import RecordFile, read_layout, unpack_header
@@ -90,13 +91,6 @@ class FaceRecordDataset(gluon.data.Dataset):
         max_id = int(ident.max()) + 1 if ident.size else 0
         self.num_classes = max(property_classes + [max_id]) if property_classes else max_id
         self._sample_attributes = None
-        self._hwc = False   # the loader's view yields HWC images and converts whole batches
-
-    def hwc_view(self):
-        """The same dataset yielding HWC images (uint8 unless colour jitter), for batch conversion."""
-        view = copy.copy(self)
-        view._hwc = True
-        return view
 
     def __len__(self):
         return int(self._keys.size)
@@ -134,16 +128,19 @@ class FaceRecordDataset(gluon.data.Dataset):
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
-    def __getitem__(self, i):
+    def sample(self, i):
+        """(transformed RGB HWC image, label) of sample i: uint8, or float32 after colour jitter."""
         body, label = self.read_raw(i)
         img = self.decode(body, f'{self._files[self._shard[i]].rec_path} record {int(self._keys[i])}')
         if self.transform is not None:
             img = self.transform(img)
-        if not self._hwc:
-            img = to_chw(img)
         if self.return_attributes:
             return img, np.concatenate([label[:1], label[2:]])
         return img, np.float32(self._labels[i])
+
+    def __getitem__(self, i):
+        img, label = self.sample(i)
+        return to_chw(img), label
 
     @property
     def sample_attributes(self):
@@ -228,20 +225,77 @@ class EpochSampler(gluon.data.Sampler):
         return max(self.indices.size - self._skip, 0)
 
 
-class _Batchify:
-    """numpy stack of HWC samples -> NDArrays (in shared memory when built in a worker process).
+def _numpy_view(array):
+    """A writable numpy array over a CPU NDArray's own memory (no copy; keep `array` alive)."""
+    ptr = ctypes.c_void_p()
+    check_call(_LIB.MXNDArrayGetData(array.handle, ctypes.byref(ptr)))
+    dtype = np.dtype(array.dtype)
+    size = int(np.prod(array.shape)) * dtype.itemsize
+    return np.frombuffer((ctypes.c_uint8 * size).from_address(ptr.value), dtype=dtype).reshape(array.shape)
 
-    uint8 batches cross the process boundary 4x smaller than float32 ones.
+
+class _BatchReader(gluon.data.Dataset):
+    """A dataset whose items are whole batches: reader[indices] -> (B x H x W x 3 images, labels).
+
+    Each image is decoded, transformed and written straight into its slot of the batch. In a worker
+    process the batch is an NDArray in shared memory, so only a handle crosses to the main process;
+    it stays HWC uint8 (4x less memory than float32) and is converted once per batch in the main one.
     """
 
-    def __init__(self, shared):
+    def __init__(self, dataset, shared):
+        self.dataset = dataset
         self.shared = shared
 
-    def __call__(self, samples):
-        data = np.stack([s[0] for s in samples])
-        label = np.stack([s[1] for s in samples]).astype(np.float32, copy=False)
-        ctx = mx.Context('cpu_shared', 0) if self.shared else mx.cpu()
-        return nd.array(data, ctx=ctx, dtype=data.dtype), nd.array(label, ctx=ctx, dtype=np.float32)
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, indices):
+        data = labels = out = None
+        for j, i in enumerate(indices):
+            img, label = self.dataset.sample(i)
+            if out is None:   # the first sample fixes the dtype (float32 after colour jitter)
+                shape = (len(indices),) + img.shape
+                if self.shared:
+                    data = nd.empty(shape, ctx=mx.Context('cpu_shared', 0), dtype=img.dtype)
+                    out = _numpy_view(data)
+                else:
+                    data = out = np.empty(shape, img.dtype)
+                labels = np.empty((len(indices),) + np.shape(label), np.float32)
+            out[j] = img
+            labels[j] = label
+        return data, labels
+
+
+def _whole_batch(samples):
+    """batchify_fn for _BatchReader: the one item already is the batch."""
+    return samples[0]
+
+
+class _WholeBatches(gluon.data.Sampler):
+    """Each batch of indices wrapped as a single item, so one worker task reads one whole batch."""
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self):
+        return ([batch] for batch in self.batch_sampler)
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+
+def batch_to_nchw(batch):
+    """B x H x W x C images (numpy or CPU NDArray) -> NDArray B x C x H x W float32, one pass per channel.
+
+    numpy writes into a fresh array that MXNet then wraps without copying: MXNet's own cast and
+    transpose run ~5x slower here, and a new NDArray buffer per batch costs page faults.
+    """
+    src = _numpy_view(batch) if isinstance(batch, nd.NDArray) else batch
+    n, h, w, c = src.shape
+    out = np.empty((n, c, h, w), np.float32)
+    for ch in range(c):
+        out[:, ch] = src[..., ch]
+    return nd.from_numpy(out, zero_copy=True)
 
 
 class FaceLoader:
@@ -256,9 +310,9 @@ class FaceLoader:
         self.sampler = EpochSampler(indices, shuffle=shuffle, seed=seed)
         self.sampler.set_epoch(epoch, start_batch * batch_size)
         self.batch_sampler = gluon.data.BatchSampler(self.sampler, batch_size, last_batch)
-        self._loader = gluon.data.DataLoader(dataset.hwc_view(), batch_sampler=self.batch_sampler,
-                                             batchify_fn=_Batchify(num_workers > 0),
-                                             num_workers=num_workers)
+        self._loader = gluon.data.DataLoader(_BatchReader(dataset, shared=num_workers > 0),
+                                             batch_sampler=_WholeBatches(self.batch_sampler),
+                                             batchify_fn=_whole_batch, num_workers=num_workers)
 
     def set_epoch(self, epoch, start_batch=0):
         """The next iteration yields epoch `epoch`'s order from batch `start_batch` on."""
@@ -270,9 +324,7 @@ class FaceLoader:
 
     def __iter__(self):
         for data, label in self._loader:
-            # Batched MXNet ops (asynchronous, in C++) instead of a float CHW copy per sample;
-            # cast first: MXNet's uint8 transpose is ~10x slower than its float32 one.
-            yield nd.transpose(data.astype(np.float32, copy=False), axes=(0, 3, 1, 2)), label
+            yield batch_to_nchw(data), nd.array(label, dtype=np.float32)
 
     def __len__(self):
         return len(self.batch_sampler)

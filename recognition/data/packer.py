@@ -6,6 +6,7 @@ number of processes. Already aligned images keep their original bytes, as insigh
 """
 import csv
 import glob
+import json
 import logging
 import multiprocessing
 import os
@@ -24,16 +25,46 @@ log = logging.getLogger(__name__)
 MISSING = -1.0   # stored for an empty attribute cell
 
 
+def codes_path(csv_path):
+    """Where the code meanings of an attribute CSV live: `train_attributes.csv` -> `train_attributes.codes.json`."""
+    return os.path.splitext(os.fspath(csv_path))[0] + '.codes.json'
+
+
+def write_codes(path, codes):
+    """Write code meanings {column: {code: meaning}} as JSON (what `codes_path` / `pack(codes=)` read)."""
+    with atomic_open(path) as f:
+        json.dump({name: {str(int(k)): str(v) for k, v in table.items()} for name, table in codes.items()},
+                  f, indent=1)
+        f.write('\n')
+
+
+def read_codes(path):
+    """{lowercased column: {int code: meaning}} from a codes JSON file."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict) or not all(isinstance(t, dict) for t in doc.values()):
+            raise ValueError('expected {"COLUMN": {"code": "meaning"}}')
+        return {str(name).lower(): {int(k): str(v) for k, v in table.items()} for name, table in doc.items()}
+    except OSError as e:
+        raise UserError(f'{path}: cannot read attribute codes ({e.strerror})') from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f'{path}: not an attribute codes file ({e})') from None
+
+
 class AttributeTable:
     """Per-image attributes from a CSV keyed by image path.
 
     Columns: `path`, an optional `SUBJECT_ID` (not an attribute), then the attributes in column
-    order (names lowercased). Integer columns keep their codes; text columns get sorted codes whose
-    meanings go to the sidecar. Paths may be absolute, relative to the CSV or the `.lst` folder, or
-    a trailing part of the `.lst` path (`id/1.jpg` for `train/id/1.jpg`).
+    order (names lowercased). Integer columns keep their codes; text columns get sorted codes. What
+    an integer code means comes from `codes` ({column: {code: meaning}} or a JSON file of it),
+    else from `codes_path(csv_path)` beside the CSV if present; gender and skin colour always have
+    the challenge's meanings (KNOWN_CODES), which a codes file may repeat but not contradict. All
+    meanings go to the rec's sidecar. Paths may be absolute, relative to the CSV or the `.lst`
+    folder, or a trailing part of the `.lst` path (`id/1.jpg` for `train/id/1.jpg`).
     """
 
-    def __init__(self, csv_path):
+    def __init__(self, csv_path, codes=None):
         self.csv_path = os.fspath(csv_path)
         if not os.path.isfile(self.csv_path):
             raise UserError(f'{self.csv_path}: no such attribute CSV')
@@ -53,6 +84,7 @@ class AttributeTable:
             if len(r) != len(header):
                 raise UserError(f'{self.csv_path}:{n}: {len(r)} columns, header has {len(header)}')
         self.codes = {}
+        self._given, self._codes_source = self._load_codes(codes)
         columns = [self._encode_column(name, [r[i].strip() for r in body])
                    for name, i in zip(self.names, attr_cols)]
         values = np.stack(columns, axis=1) if columns else np.zeros((len(body), 0), np.float32)
@@ -65,15 +97,48 @@ class AttributeTable:
             self._by_text[text] = v
             self._by_abs[os.path.normpath(os.path.join(folder, text))] = v
 
+    def _load_codes(self, codes):
+        """(given meanings by lowercased column, where they came from) from `codes` or the file beside the CSV."""
+        if codes is None:
+            path = codes_path(self.csv_path)
+            if not os.path.isfile(path):
+                return {}, None
+            codes = path
+        if isinstance(codes, (str, os.PathLike)):
+            source = os.fspath(codes)
+            given = read_codes(source)
+        else:
+            source = 'codes argument'
+            given = {str(n).lower(): {int(k): str(v) for k, v in t.items()} for n, t in codes.items()}
+        unknown = sorted(set(given) - set(self.names))
+        if unknown:
+            raise UserError(f'{source}: codes for {", ".join(unknown)}, which {self.csv_path} has no column for '
+                            f'(columns: {", ".join(self.names)})')
+        for name, known in KNOWN_CODES.items():
+            clash = {k: v for k, v in given.get(name, {}).items() if known.get(k, v) != v}
+            if clash:
+                raise UserError(f'{source}: {name} codes {clash} contradict the challenge\'s {known}')
+        return given, source
+
     def _encode_column(self, name, cells):
         filled = [c for c in cells if c != '']
         try:
             numbers = [float(c) for c in filled]
         except ValueError:
             numbers = None
+        integers = numbers is not None and all(x.is_integer() for x in numbers)
+        if name in self._given and not integers:
+            raise UserError(f'{self._codes_source}: codes for {name}, but {self.csv_path} holds '
+                            f'non-integer values there')
         if numbers is not None:
-            if all(x.is_integer() for x in numbers) and name in KNOWN_CODES:
-                self.codes[name] = dict(KNOWN_CODES[name])
+            if integers and (name in KNOWN_CODES or name in self._given):
+                meanings = dict(KNOWN_CODES.get(name, {}))
+                meanings.update(self._given.get(name, {}))
+                undefined = sorted({int(x) for x in numbers} - set(meanings))
+                if undefined and name in self._given:
+                    raise UserError(f'{self._codes_source}: {name} has no meaning for code(s) '
+                                    f'{", ".join(map(str, undefined))} used in {self.csv_path}')
+                self.codes[name] = meanings
             return np.array([float(c) if c != '' else MISSING for c in cells], dtype=np.float32)
         labels = sorted(set(filled))
         self.codes[name] = dict(enumerate(labels))
@@ -125,7 +190,8 @@ def _encode_params(encoding, quality):
 
 def encode_image(job):
     """(encoded bytes, None) or (None, reason) for one .lst entry; runs in a worker process."""
-    path, aligned, landmarks, image_size, encoding, params = job
+    path, lst_dir, aligned, landmarks, image_size, encoding, params = job
+    path = _resolve(path, lst_dir)
     try:
         with open(path, 'rb') as f:
             data = f.read()
@@ -152,6 +218,42 @@ def encode_image(job):
     return (buf.tobytes(), None) if ok else (None, f'cannot encode as {encoding}')
 
 
+_worker_jobs = None   # the job list, inherited by forked pool workers (tasks carry only index ranges)
+
+
+def _init_worker(jobs):
+    global _worker_jobs
+    _worker_jobs = jobs
+
+
+def _encode_range(bounds):
+    """encode_image over jobs[start:stop] in a worker: one small task message, one result message."""
+    start, stop = bounds
+    return [encode_image(job) for job in _worker_jobs[start:stop]]
+
+
+def encoded_images(jobs, num_threads):
+    """encode_image results in job order, over `num_threads` processes when more than one.
+
+    Work goes out in chunks of consecutive jobs named by index range; the forked workers already
+    hold the job list (fork start: no pickling), so only the encoded bytes come back.
+    """
+    if num_threads <= 1:
+        yield from map(encode_image, jobs)
+        return
+    chunk = max(4, min(64, len(jobs) // (8 * num_threads)))
+    ranges = [(a, min(a + chunk, len(jobs))) for a in range(0, len(jobs), chunk)]
+    # No cv2.setNumThreads in the children: reconfiguring OpenCV's inherited pool after a fork
+    # deadlocks; its parallel loops themselves are fork-safe.
+    pool = multiprocessing.get_context('fork').Pool(num_threads, initializer=_init_worker, initargs=(jobs,))
+    try:
+        for results in pool.imap(_encode_range, ranges):
+            yield from results
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def _shard_bounds(group_sizes, num_shards):
     """Shard index of each identity: contiguous identities, about N/S images per shard."""
     cumulative = np.cumsum(group_sizes) - np.asarray(group_sizes) / 2.0
@@ -170,10 +272,9 @@ def pack_list(lst_path, num_threads=1, quality=95, encoding='.jpg', num_shards=1
     if not items:
         raise UserError(f'{lst_path}: empty .lst')
     lst_dir = os.path.dirname(os.path.abspath(lst_path))
-    resolved = [_resolve(it.path, lst_dir) for it in items]
     attrs = [()] * len(items)
     if table is not None:
-        attrs = [table.lookup(it.path, r) for it, r in zip(items, resolved)]
+        attrs = [table.lookup(it.path, _resolve(it.path, lst_dir)) for it in items]
         missing = [it.path for it, a in zip(items, attrs) if a is None]
         if missing:
             raise UserError(f'{table.csv_path}: no row for {len(missing)} of {len(items)} images '
@@ -188,17 +289,11 @@ def pack_list(lst_path, num_threads=1, quality=95, encoding='.jpg', num_shards=1
     codes = table.codes if table is not None else None
     prefixes = [out_prefix] if num_shards == 1 else ['%s_%d' % (out_prefix, s) for s in range(num_shards)]
     params = _encode_params(encoding, quality)
-    jobs = ((r, it.aligned, it.landmarks, tuple(image_size), encoding, params) for it, r in zip(items, resolved))
+    # Paths are resolved in the workers (a stat each): the main process only writes.
+    jobs = [(it.path, lst_dir, it.aligned, it.landmarks, tuple(image_size), encoding, params) for it in items]
     writers, skipped = [], []
-    pool = None
+    results = encoded_images(jobs, num_threads)
     try:
-        if num_threads > 1:
-            # No cv2.setNumThreads in the children: reconfiguring OpenCV's inherited pool after a
-            # fork deadlocks; its parallel loops themselves are fork-safe.
-            pool = multiprocessing.get_context('fork').Pool(num_threads)
-            results = pool.imap(encode_image, jobs, chunksize=16)
-        else:
-            results = map(encode_image, jobs)
         writers = [IdentityRecordWriter(p, image_size, names, codes, write_property=False) for p in prefixes]
         position = 0
         for group, size in enumerate(sizes):
@@ -222,9 +317,7 @@ def pack_list(lst_path, num_threads=1, quality=95, encoding='.jpg', num_shards=1
             w.abort()
         raise
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        results.close()   # stops the worker pool, if any
     if skipped:
         log.warning('%s: skipped %d images, listed in %s.skipped.txt', lst_path, len(skipped), out_prefix)
     return {'images': sum(s['images'] for s in summaries),
@@ -244,11 +337,15 @@ def _write_skipped(path, skipped):
 
 
 def pack(prefix, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attributes=None,
-         image_size=(112, 112)):
+         image_size=(112, 112), codes=None):
     """Pack every `PREFIX*.lst` (as insightface's face2rec2); write `property`; return a summary dict.
 
-    `attributes`: a CSV path (see AttributeTable) whose columns become label[2:].
+    `attributes`: a CSV path (see AttributeTable) whose columns become label[2:]. `codes`: what the
+    CSV's integer codes mean, {column: {code: meaning}} or a JSON file of it (default: the CSV's
+    `codes_path` file if present); recorded in `PREFIX.attributes.json`.
     """
+    if codes is not None and not attributes:
+        raise UserError(f'{prefix}: attribute codes given without an attribute CSV')
     prefix = os.fspath(prefix)
     lsts = sorted(glob.glob(glob.escape(prefix) + '*.lst'))
     if not lsts:
@@ -258,7 +355,7 @@ def pack(prefix, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attri
     encoding = encoding if encoding.startswith('.') else '.' + encoding
     if encoding not in ('.jpg', '.jpeg', '.png'):
         raise UserError(f'{prefix}: unsupported --encoding {encoding} (use .jpg or .png)')
-    table = AttributeTable(attributes) if attributes else None
+    table = AttributeTable(attributes, codes) if attributes else None
     start = time.time()
     results = [pack_list(lst, num_threads, quality, encoding, num_shards, table, image_size) for lst in lsts]
     classes = {}

@@ -101,8 +101,10 @@ def pack_record(label, key, body=b''):
     """A record payload as `mx.recordio.pack(IRHeader(0, label, key, 0), body)` builds it:
     a vector label sets flag = len(label) and is stored as float32 before the body.
     """
-    label = np.asarray(label, dtype=np.float32).reshape(-1)
-    return struct.pack(_IR_FORMAT, label.size, 0.0, key, 0) + label.tobytes() + body
+    if isinstance(label, np.ndarray):
+        label = label.reshape(-1).tolist()
+    n = len(label)
+    return struct.pack('<IfQQ%df' % n, n, 0.0, key, 0, *label) + body
 
 
 def unpack_header(payload):
@@ -320,8 +322,10 @@ def frame_record(payload):
     inside the payload splits it (cflag 1 first, 2 middle, 3 last) and is dropped, the reader
     re-inserts it; the record is zero-padded to 4 bytes.
     """
-    chunks, start = [], 0
     i = payload.find(_MAGIC_BYTES)
+    if i < 0:   # the usual case: one chunk
+        return b''.join((_MAGIC_BYTES, struct.pack('<I', len(payload)), payload, b'\0' * (-len(payload) % 4)))
+    chunks, start = [], 0
     while 0 <= i <= len(payload) - 4:
         if i % 4 == 0:
             chunks.append((1 if start == 0 else 2, payload[start:i]))
@@ -355,17 +359,21 @@ class IdentityRecordWriter:
         self._sidecar_tmp = (self._stack.enter_context(atomic_path(sidecar_path(self.prefix)))
                              if self.attribute_names else None)
         self._idx_tmp = self._stack.enter_context(atomic_path(self.prefix + '.idx'))
-        self._rec = self._stack.enter_context(open(self._rec_tmp, 'wb'))
-        self._idx = self._stack.enter_context(open(self._idx_tmp, 'w'))
+        # Big buffers: one write syscall per ~1 MB instead of one per record.
+        self._rec = self._stack.enter_context(open(self._rec_tmp, 'wb', buffering=1 << 20))
+        self._idx = self._stack.enter_context(open(self._idx_tmp, 'w', buffering=1 << 16))
         # Placeholder header of the final size; patched in place at close() when N and K are known.
+        self._pos = 0   # bytes written to the rec so far (no tell() per record)
         self._write(0, pack_record([0, 0], 0))
         self._ranges, self._identities, self._seen = [], [], set()
         self._next = 1
         self._open = True
 
     def _write(self, key, payload):
-        self._idx.write('%d\t%d\n' % (key, self._rec.tell()))
-        self._rec.write(frame_record(payload))
+        framed = frame_record(payload)
+        self._idx.write('%d\t%d\n' % (key, self._pos))
+        self._rec.write(framed)
+        self._pos += len(framed)
 
     def __enter__(self):
         return self

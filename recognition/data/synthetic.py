@@ -28,7 +28,7 @@ import numpy as np
 from recognition.align import norm_crop, template
 from recognition.data.bin import write_bin
 from recognition.data.lst import dir_to_lst, write_lst
-from recognition.data.packer import pack
+from recognition.data.packer import codes_path, pack, write_codes
 from recognition.utils import UserError, atomic_open
 
 # Attribute codes (the architecture's contract): GENDER 0 female, 1 male; SKIN_COLOUR 0 light, 1 dark.
@@ -38,6 +38,11 @@ AGE_GROUPS = ('18-34', '35-54', '55+')
 HEAD_POSES = ('frontal', 'non-frontal')   # non-frontal: |yaw| >= 25 degrees
 SOURCES = ('still', 'video-frame')        # video frames are blurrier and noisier
 GLASSES = ('no', 'yes')
+# What each attribute column's integer codes mean; written beside every attribute CSV (codes_path),
+# from where the packer copies them into the rec's attributes sidecar.
+ATTRIBUTE_CODES = {'GENDER': dict(enumerate(GENDERS)), 'SKIN_COLOUR': dict(enumerate(SKIN_COLOURS)),
+                   'AGE': dict(enumerate(AGE_GROUPS)), 'GLASSES': dict(enumerate(GLASSES)),
+                   'HEAD_POSE': dict(enumerate(HEAD_POSES)), 'SOURCE': dict(enumerate(SOURCES))}
 
 # Protected groups as (gender, skin) in a fixed order; dark female is the planted minority.
 GROUPS = ((1, 0), (0, 0), (1, 1), (0, 1))
@@ -838,10 +843,14 @@ def _images_per_identity(seed, split, idents, mean):
 
 
 def _write_csv(path, header, rows):
+    """The CSV, plus the meanings of its coded attribute columns in codes_path(path)."""
     with atomic_open(path, 'w', newline='') as f:
         writer = csv.writer(f, lineterminator='\n')
         writer.writerow(header)
         writer.writerows(rows)
+    coded = {c: ATTRIBUTE_CODES[c] for c in header if c in ATTRIBUTE_CODES}
+    if coded:
+        write_codes(codes_path(path), coded)
 
 
 def _write_summary(folder, summary):
@@ -867,7 +876,7 @@ def _build_emore(folder, seed, sizes, renderer):
     write_lst(os.path.join(folder, 'train.lst'), dir_to_lst(image_dir, root=folder))
     _write_csv(os.path.join(folder, '_attributes.csv'), TRAIN_COLUMNS, rows)
     pack(os.path.join(folder, 'train'), attributes=os.path.join(folder, '_attributes.csv'))
-    for leftover in ('_images', 'train.lst', '_attributes.csv'):
+    for leftover in ('_images', 'train.lst', '_attributes.csv', codes_path('_attributes.csv')):
         path = os.path.join(folder, leftover)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
