@@ -26,11 +26,14 @@ def main():
     parser.add_argument('--num-shards', type=int, default=1, help='write S complete shards PREFIX_0.rec ...')
     parser.add_argument('--attributes', default=None,
                         help='CSV with a path column (and optional SUBJECT_ID); other columns become label[2:]')
+    parser.add_argument('--attribute-codes', default=None,
+                        help='JSON {column: {code: meaning}} (default: <csv stem>.codes.json beside the CSV)')
     parser.add_argument('--image-size', type=image_size, default=(112, 112), help='H,W of the stored faces')
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format='%(levelname)s: %(message)s')
     summary = pack(args.prefix, num_threads=args.num_thread, quality=args.quality, encoding=args.encoding,
-                   num_shards=args.num_shards, attributes=args.attributes, image_size=args.image_size)
+                   num_shards=args.num_shards, attributes=args.attributes, image_size=args.image_size,
+                   codes=args.attribute_codes)
     print('packed %(images)d images of %(identities)d identities into %(shards)d rec(s), '
           'skipped %(skipped)d, in %(seconds).1fs' % summary)
     for path in summary['outputs']:

@@ -44,15 +44,21 @@ def embedding_symbol(net):
     return out
 
 
-def training_symbol(net, head):
-    """insightface's training graph: the embedding (BlockGrad) and SoftmaxOutput over the head's logits."""
+def training_symbol(net, head, extra_blocks=()):
+    """insightface's training graph: the embedding (BlockGrad) and SoftmaxOutput over the head's logits,
+    plus the outputs of auxiliary blocks that have some (attribute heads: `attr_<name>_output`)."""
     emb = embedding_symbol(net)
     label = mx.sym.var(LABEL)   # one node: two variables of the same name would not bind
     logits = head(emb, label)
     if isinstance(logits, (list, tuple)):
         logits = logits[0]
     softmax = mx.sym.SoftmaxOutput(logits, label, name='softmax', normalization='valid')
-    return mx.sym.Group([mx.sym.BlockGrad(emb), softmax])
+    return mx.sym.Group([mx.sym.BlockGrad(emb), softmax] + extra_outputs(emb, extra_blocks))
+
+
+def extra_outputs(emb, extra_blocks):
+    """Graph outputs of the auxiliary blocks on the embedding symbol (blocks with `output_symbols`)."""
+    return [out for block in extra_blocks if hasattr(block, 'output_symbols') for out in block.output_symbols(emb)]
 
 
 def _first_array(param):
@@ -75,11 +81,17 @@ def save_checkpoint(prefix, epoch, net, head=None, strip_fc7=False, extra_blocks
 
     Without a head, or with `strip_fc7`, the graph is the `fc1_output` embedding and only its parameters
     are saved. Otherwise the training graph is saved with `fc7_weight` and the parameters of
-    `extra_blocks` (auxiliary heads) as additional `arg:` entries.
+    `extra_blocks` (auxiliary heads) as additional `arg:` entries. Either way the outputs of extra blocks
+    that have some (attribute heads) stay in the graph beside `fc1_output`, with their parameters.
     """
     full = head is not None and not strip_fc7
-    sym = training_symbol(net, head) if full else embedding_symbol(net)
-    arrays = collect_arrays([net] + ([head] + list(extra_blocks) if full else []))
+    if full:
+        sym = training_symbol(net, head, extra_blocks)
+    else:
+        emb = embedding_symbol(net)
+        outputs = extra_outputs(emb, extra_blocks)
+        sym = mx.sym.Group([emb] + outputs) if outputs else emb
+    arrays = collect_arrays([net] + ([head] + list(extra_blocks) if full else list(extra_blocks)))
     aux_names = set(sym.list_auxiliary_states())
     graph_args = set(sym.list_arguments())
     save = {}
@@ -154,6 +166,20 @@ def load_pretrained(net, head, prefix, epoch, log=print):
                 summary['reinitialised'].append(name)
     log(f'loaded {summary["loaded"]} parameters from {where}')
     return summary
+
+
+def load_extra(block, prefix, epoch, log=print):
+    """Auxiliary parameters (attribute heads, centers) from a checkpoint where present with the same
+    shape, so a finetune keeps what the previous step learnt; the others keep their initialisation."""
+    _, arg, aux = load_checkpoint(prefix, epoch)
+    source = {**arg, **aux}
+    params = dict(block.collect_params().items())
+    loaded = [n for n, p in params.items() if n in source and tuple(source[n].shape) == tuple(p.shape)]
+    for name in loaded:
+        params[name].set_data(source[name])
+    log(f'auxiliary tasks: {len(loaded)} of {len(params)} parameters loaded from '
+        f'{checkpoint_files(prefix, epoch)[1]}')
+    return loaded
 
 
 def write_latest(run_dir, prefix, epoch):

@@ -188,6 +188,11 @@ _default.cosine = False
 _default.auto_decay = 0
 _default.num_workers = 2
 _default.seed = 0
+# auxiliary tasks: center loss (HW_face) and attribute heads (Face_Recognition's multi-task); off by default
+_default.center_loss_weight = 0.0
+_default.center_loss_alpha = 0.5
+_default.attr_heads = ''
+_default.attr_weights = ''
 
 config = edict(copy.deepcopy(_config))
 default = edict(copy.deepcopy(_default))

@@ -75,6 +75,10 @@ class Embedder:
 
         This is the `embed_fn` of `verification.test_bin`.
         """
+        return self.forward_all(batch)[0]
+
+    def forward_all(self, batch):
+        """One N x D array per output layer (several when loaded with a list of layers)."""
         n, _, h, w = batch.shape
         if self._module is None or self._shape != (h, w):
             self._bind(h, w)
@@ -86,9 +90,8 @@ class Embedder:
                 pad = self._mx.nd.zeros((self.batch_size - m,) + tuple(x.shape[1:]), dtype=x.dtype)
                 x = self._mx.nd.concat(x, pad, dim=0)
             self._module.forward(self._mx.io.DataBatch(data=[x]), is_train=False)
-            out = self._module.get_outputs()[0].asnumpy()
-            outs.append(out.reshape(out.shape[0], -1)[:m])
-        return np.concatenate(outs, axis=0)
+            outs.append([o.asnumpy().reshape(o.shape[0], -1)[:m] for o in self._module.get_outputs()])
+        return [np.concatenate(parts, axis=0) for parts in zip(*outs)]
 
     def embed(self, images, flip=True, normalized=True):
         """Embeddings of N x H x W x 3 uint8 RGB crops or N x 3 x H x W float arrays.
@@ -130,7 +133,8 @@ def to_nchw(images):
 
 def load_embedder(prefix, epoch, layer='fc1_output', ctx=None, bgr=False, input_scale='raw', batch_size=64,
                   name=None):
-    """An `Embedder` over `prefix-symbol.json` / `prefix-%04d.params`, cut at `layer`."""
+    """An `Embedder` over `prefix-symbol.json` / `prefix-%04d.params`, cut at `layer`, or at several
+    layers when `layer` is a list (e.g. `['fc1_output', 'attr_gender_output']`, see `forward_all`)."""
     import mxnet as mx
     for path in (f'{prefix}-symbol.json', '%s-%04d.params' % (prefix, int(epoch))):
         if not os.path.isfile(path):
@@ -141,11 +145,14 @@ def load_embedder(prefix, epoch, layer='fc1_output', ctx=None, bgr=False, input_
         raise UserError(f'{prefix}-{int(epoch):04d}: cannot load checkpoint: {_last_line(e)}') from None
     internals = sym.get_internals()
     outputs = internals.list_outputs()
-    if layer not in outputs:
-        hint = ', '.join(o for o in outputs if o.startswith('fc') or o.endswith('embedding_output'))[:200]
-        raise UserError(f'{prefix}-symbol.json: no layer {layer!r} (candidates: {hint or outputs[-1]})')
+    layers = [layer] if isinstance(layer, str) else list(layer)
+    for layer in layers:
+        if layer not in outputs:
+            hint = ', '.join(o for o in outputs if o.startswith('fc') or o.endswith('embedding_output'))[:200]
+            raise UserError(f'{prefix}-symbol.json: no layer {layer!r} (candidates: {hint or outputs[-1]})')
     ctx = ctx or [mx.cpu()]
-    return Embedder(internals[layer], arg_params, aux_params, ctx, bgr=bgr, input_scale=input_scale,
+    cut = internals[layers[0]] if len(layers) == 1 else mx.sym.Group([internals[n] for n in layers])
+    return Embedder(cut, arg_params, aux_params, ctx, bgr=bgr, input_scale=input_scale,
                     batch_size=batch_size, name=name or f'{prefix},{int(epoch)}')
 
 

@@ -1,18 +1,22 @@
 """Classification heads on the embedding: insightface's margin softmax family, the FairFace seed's
-arc-circle loss, center loss and attribute (gender / age) heads.
+arc-circle loss, center loss and attribute (gender / age) heads; `AuxiliaryTasks` trains the last two
+beside the margin loss (`--center-loss-weight`, `--attr-heads`).
 
 Heads return logits; the loss is ``gluon.loss.SoftmaxCrossEntropyLoss`` over them (insightface's
 ``SoftmaxOutput(normalization='valid')`` averaged over the batch).  The classifier weight is
 ``fc7_weight`` (classes x emb) as in insightface, so checkpoints keep it under that name.
 """
+import json
 import math
 
 import mxnet as mx
+import numpy as np
 from mxnet import autograd, gluon
 
 from .utils import UserError
 
-__all__ = ['MarginHead', 'ArcCircleHead', 'CenterLoss', 'AttributeHead', 'build_head', 'LOSS_PRESETS']
+__all__ = ['MarginHead', 'ArcCircleHead', 'CenterLoss', 'AttributeHead', 'AuxiliaryTasks', 'build_auxiliary',
+           'build_head', 'LOSS_PRESETS']
 
 # Clip for cos(theta) before arccos: rounding can push a dot product of unit vectors to or just
 # past +-1, where arccos is NaN or its gradient infinite (insightface does not guard this).  Only
@@ -174,6 +178,147 @@ class AttributeHead(gluon.HybridBlock):
 
     def hybrid_forward(self, F, emb):
         return self.body(emb)
+
+
+
+class AuxiliaryTasks(gluon.Block):
+    """The auxiliary losses trained beside the margin loss on the same embedding:
+    ``total = margin + center_weight * center + sum_a weight_a * attribute_a`` (per sample).
+
+    ``attributes``: ``[(name, label column, num_classes, weight, class names)]``; the label column
+    indexes the dataset's ``[identity, *attributes]`` vector.  An attribute code of -1 (unknown)
+    gives no loss and no gradient; each attribute loss is rescaled by batch / known so it is the
+    mean over the samples whose code is known (unknowns do not dilute the task weight).
+    Parameters: ``centerloss_centers`` and ``attr_<name>_*``; exported outputs ``attr_<name>_output``.
+    """
+
+    def __init__(self, emb_size, num_classes, center_weight=0.0, center_alpha=0.5, attributes=(),
+                 hidden=(512,)):
+        super().__init__(prefix='')
+        self.center_weight = float(center_weight)
+        self.attributes = [tuple(a) for a in attributes]
+        self.center = CenterLoss(num_classes, emb_size, center_alpha) if self.center_weight > 0 else None
+        self.heads = [AttributeHead(emb_size, n, hidden, prefix='attr_%s_' % name)
+                      for name, _, n, _, _ in self.attributes]
+        for head in self.heads:
+            self.register_child(head)
+        self._ce = gluon.loss.SoftmaxCrossEntropyLoss()
+        self._window = {}
+
+    def split_labels(self, label, contexts):
+        """Per context ``(codes N_i x A NDArray, scales)`` from the batch's ``[identity, *attributes]``."""
+        label = label.asnumpy() if isinstance(label, mx.nd.NDArray) else np.asarray(label)
+        codes = label[:, [column for _, column, _, _, _ in self.attributes]].reshape(len(label), -1)
+        for j, (name, _, n, _, _) in enumerate(self.attributes):
+            bad = (codes[:, j] >= n) | ((codes[:, j] < 0) & (codes[:, j] != -1)) | (codes[:, j] % 1 != 0)
+            if bad.any():
+                raise UserError('attribute %s: label code %g outside 0..%d (or -1 for unknown)'
+                                % (name, codes[bad, j][0], n - 1))
+        known = (codes >= 0).sum(axis=0)
+        scales = [len(codes) / k if k else 0.0 for k in known]
+        parts = gluon.utils.split_and_load(mx.nd.array(codes), contexts)
+        return [(p, scales) for p in parts]
+
+    def forward(self, emb, identity, labels, margin_loss):
+        """``(total per-sample loss, record)``; ``labels`` is one item of :meth:`split_labels` and
+        ``record`` goes to :meth:`account` after the backward pass."""
+        codes, scales = labels
+        total = margin_loss
+        record = {'n': emb.shape[0], 'margin_loss': margin_loss}
+        if self.center is not None:
+            center = self.center(emb, identity)
+            total = total + self.center_weight * center
+            record['center_loss'] = center
+        for j, ((name, _, _, weight, _), head) in enumerate(zip(self.attributes, self.heads)):
+            code = codes[:, j]
+            known = code >= 0
+            logits = head(emb)
+            loss = self._ce(logits, mx.nd.relu(code)) * known      # -1 becomes class 0, then masked out
+            total = total + (weight * scales[j]) * loss
+            record[name] = (loss, logits, code, known)
+        return total, record
+
+    def account(self, records):
+        """Add a step's records to the log window."""
+        window = self._window
+        for r in records:
+            window['n'] = window.get('n', 0) + r['n']
+            for key in ('margin_loss', 'center_loss'):
+                if key in r:
+                    window[key] = window.get(key, 0.0) + float(r[key].sum().asscalar())
+            for name, _, _, _, _ in self.attributes:
+                loss, logits, code, known = r[name]
+                hits = (logits.argmax(axis=1) == code) * known
+                sums = window.setdefault(name, [0.0, 0, 0])
+                sums[0] += float(loss.sum().asscalar())
+                sums[1] += int(hits.sum().asscalar())
+                sums[2] += int(known.sum().asscalar())
+
+    def window(self):
+        """Means since the last call: margin_loss, center_loss, attr_<name>_loss / _acc (over known codes)."""
+        window, self._window = self._window, {}
+        n = max(1, window.get('n', 0))
+        out = {key: window[key] / n for key in ('margin_loss', 'center_loss') if key in window}
+        for name, _, _, _, _ in self.attributes:
+            loss, hits, known = window.get(name, (0.0, 0, 0))
+            out['attr_%s_loss' % name] = loss / known if known else float('nan')
+            out['attr_%s_acc' % name] = hits / known if known else float('nan')
+        return out
+
+    def output_symbols(self, emb):
+        """The attribute heads' class probabilities as graph outputs ``attr_<name>_output``; each
+        node carries its class names in the ``__classes__`` attribute (JSON list)."""
+        return [mx.sym.softmax(head(emb), name='attr_' + name, attr={'__classes__': json.dumps(list(classes))})
+                for (name, _, _, _, classes), head in zip(self.attributes, self.heads)]
+
+
+def _attribute_classes(dataset, name):
+    """(num_classes, class names) of a categorical attribute: its codes in the rec's sidecar, else
+    the largest code in the data + 1."""
+    codes = dataset.attribute_codes.get(name) or {}
+    if codes:
+        n = max(codes) + 1
+    else:
+        values = dataset.sample_attributes[:, dataset.attribute_names.index(name)]
+        if (values % 1 != 0).any() or (values < -1).any():
+            raise UserError('%s: attribute %s is not categorical (codes must be integers, -1 unknown)'
+                            % (dataset.rec_paths[0], name))
+        n = int(values.max()) + 1
+    if n < 2:
+        raise UserError('%s: attribute %s has fewer than two classes' % (dataset.rec_paths[0], name))
+    return n, [codes.get(i, str(i)) for i in range(n)]
+
+
+def build_auxiliary(dataset, emb_size, center_weight=0.0, center_alpha=0.5, attr_heads='', attr_weights='',
+                    hidden=(512,)):
+    """The :class:`AuxiliaryTasks` of ``--center-loss-weight`` and ``--attr-heads gender,age
+    --attr-weights 1.0,0.5`` (names as in the rec's ``.attributes.json``), or None when both are off."""
+    names = [n.strip() for n in str(attr_heads or '').split(',') if n.strip()]
+    if not names and not center_weight:
+        return None
+    if center_weight < 0:
+        raise UserError('--center-loss-weight %g: must be >= 0 (0 = off)' % center_weight)
+    weights = [w.strip() for w in str(attr_weights or '').split(',') if w.strip()]
+    try:
+        weights = [float(w) for w in weights] or [1.0] * len(names)
+    except ValueError:
+        raise UserError('--attr-weights %r: expected comma-separated numbers' % attr_weights) from None
+    if len(weights) != len(names):
+        raise UserError('--attr-weights %r: %d weights for %d --attr-heads' % (attr_weights, len(weights), len(names)))
+    attributes = []
+    if names:
+        where = dataset.rec_paths[0] if hasattr(dataset, 'rec_paths') else 'dataset'
+        if not getattr(dataset, 'return_attributes', False):
+            raise UserError('%s: --attr-heads needs a dataset that returns attributes' % where)
+        lower = {a.lower(): a for a in dataset.attribute_names}
+        for name, weight in zip(names, weights):
+            if name.lower() not in lower:
+                raise UserError('%s: no attribute %r for --attr-heads (the .attributes.json sidecar names %s)'
+                                % (where, name, dataset.attribute_names or 'none'))
+            real = lower[name.lower()]
+            n, classes = _attribute_classes(dataset, real)
+            attributes.append((real, 1 + dataset.attribute_names.index(real), n, weight, classes))
+    return AuxiliaryTasks(emb_size, int(dataset.num_classes), center_weight, center_alpha, attributes, hidden)
 
 
 # insightface's sample_config.py loss presets (+ the FairFace seed's arc_circle_loss).

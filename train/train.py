@@ -33,6 +33,10 @@ def parse_args(argv=None):
     p.add_argument('--pretrained', default=default.pretrained, help='prefix,epoch of a checkpoint to start from')
     p.add_argument('--freeze-block', type=int, default=0, choices=(0, 1, 2),
                    help='0 train all layers; 1 only fc7; 2 freeze up to bn1')
+    p.add_argument('--selected-attributes', default='',
+                   help='train only on one protected group: dark_female, gender=0,skin_colour=1, the seed index '
+                        'gender*2+skin_colour (0..3), or auto[:file] = the choice of '
+                        'train/select_protected_group.py (default file <models-root>/protected_group.json)')
     p.add_argument('--ckpt', type=int, default=default.ckpt, choices=(0, 1, 2, 3),
                    help='0 never save; 1 save when the last val target improves; 2 save every --verbose '
                         'batches; 3 like 1 but always as model-0001')
@@ -59,6 +63,15 @@ def parse_args(argv=None):
     p.add_argument('--loss-m3', type=float, default=config.get('loss_m3'))
     p.add_argument('--fc7-lr-mult', type=float, default=config.fc7_lr_mult)
     p.add_argument('--fc7-wd-mult', type=float, default=config.fc7_wd_mult)
+    p.add_argument('--center-loss-weight', type=float, default=default.center_loss_weight,
+                   help='weight of the center loss (HW_face auxiliary) added to the margin loss; 0 off')
+    p.add_argument('--center-loss-alpha', type=float, default=default.center_loss_alpha,
+                   help='center update rate')
+    p.add_argument('--attr-heads', default=default.attr_heads,
+                   help='attribute classification heads on the embedding, e.g. gender,age (names of the '
+                        "rec's .attributes.json; code -1 = unknown, no loss)")
+    p.add_argument('--attr-weights', default=default.attr_weights,
+                   help='task weight of each --attr-heads entry, e.g. 1.0,0.5 (default 1 each)')
     p.add_argument('--kvstore', default=default.kvstore, help='device, local (or dist_sync, ...)')
     p.add_argument('--gpus', default='', help='GPU ids, e.g. 0,1 (default: CUDA_VISIBLE_DEVICES)')
     p.add_argument('--ctx', default='', help='cpu:N for N CPU contexts (multi-device on CPU)')

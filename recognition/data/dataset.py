@@ -201,10 +201,13 @@ class EpochSampler(gluon.data.Sampler):
     e and drops its first `skip` indices (for resuming mid-epoch).
     """
 
-    def __init__(self, indices, shuffle=True, seed=0):
+    def __init__(self, indices, shuffle=True, seed=0, part=None):
         self.indices = np.asarray(indices, dtype=np.int64)
         self.shuffle = shuffle
         self.seed = seed
+        # (rank, parts): this worker's strided slice of every epoch's order, all slices equally long,
+        # so the workers of a distributed run see disjoint samples and run the same number of steps.
+        self.rank, self.parts = part or (0, 1)
         self.epoch = 0
         self._skip = 0
 
@@ -212,9 +215,10 @@ class EpochSampler(gluon.data.Sampler):
         self.epoch, self._skip = int(epoch), int(skip)
 
     def order(self, epoch):
-        if not self.shuffle:
-            return self.indices
-        return self.indices[np.random.default_rng([self.seed, epoch]).permutation(self.indices.size)]
+        order = self.indices
+        if self.shuffle:
+            order = order[np.random.default_rng([self.seed, epoch]).permutation(order.size)]
+        return order[self.rank::self.parts][:order.size // self.parts]
 
     def __iter__(self):
         order, skip = self.order(self.epoch), self._skip
@@ -222,7 +226,7 @@ class EpochSampler(gluon.data.Sampler):
         return iter(order[skip:].tolist())
 
     def __len__(self):
-        return max(self.indices.size - self._skip, 0)
+        return max(self.indices.size // self.parts - self._skip, 0)
 
 
 def _numpy_view(array):
@@ -302,12 +306,12 @@ class FaceLoader:
     """Batches (data NDArray Bx3xHxW float32, label NDArray) from a FaceRecordDataset."""
 
     def __init__(self, dataset, batch_size, num_workers=0, shuffle=True, seed=0, identities=None,
-                 last_batch='discard', start_batch=0, epoch=0):
+                 last_batch='discard', start_batch=0, epoch=0, part=None):
         indices = dataset.indices_of(identities) if identities is not None else np.arange(len(dataset))
         if indices.size == 0:
             raise UserError(f'{dataset.rec_paths[0]}: no samples to load')
         self.batch_size = batch_size
-        self.sampler = EpochSampler(indices, shuffle=shuffle, seed=seed)
+        self.sampler = EpochSampler(indices, shuffle=shuffle, seed=seed, part=part)
         self.sampler.set_epoch(epoch, start_batch * batch_size)
         self.batch_sampler = gluon.data.BatchSampler(self.sampler, batch_size, last_batch)
         self._loader = gluon.data.DataLoader(_BatchReader(dataset, shared=num_workers > 0),
@@ -331,11 +335,12 @@ class FaceLoader:
 
 
 def train_loader(dataset, batch_size, num_workers=0, shuffle=True, seed=0, identities=None,
-                 last_batch='discard', start_batch=0, epoch=0):
-    """The training loader: gluon DataLoader with worker processes, an epoch-seeded order and an
-    optional identity subset (step 3, hard samples)."""
+                 last_batch='discard', start_batch=0, epoch=0, part=None):
+    """The training loader: gluon DataLoader with worker processes, an epoch-seeded order, an optional
+    identity subset (step 3, hard samples) and an optional `part=(rank, workers)` slice (dist kvstore)."""
     return FaceLoader(dataset, batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
-                      identities=identities, last_batch=last_batch, start_batch=start_batch, epoch=epoch)
+                      identities=identities, last_batch=last_batch, start_batch=start_batch, epoch=epoch,
+                      part=part)
 
 
 def _caption(dataset, label, width, scale):

@@ -3,6 +3,12 @@
 `device` and `local` reduce the gradients of this process's contexts (on the devices or on the CPU).
 The distributed kvstores (`dist_sync`, `dist_device_sync`, `dist_async`) add rank and world size; only
 rank 0 (the chief) verifies, logs to mxboard and writes checkpoints.
+
+Data: each worker reads its own part: whole shards per rank when the rec has at least as many shards as
+there are workers (`shard_plan`), else every worker opens all of it and takes a strided slice of each
+epoch's permutation (`part`). Gradients: every worker's batch is `per_batch_size x contexts`; the update
+uses the sum over all workers divided by the global batch (`per_batch_size x contexts x workers`), so
+`--lr` means the same per-sample step as on one machine and a larger cluster takes larger global batches.
 """
 from dataclasses import dataclass, field
 from typing import Any, List
@@ -28,6 +34,27 @@ class Topology:
     @property
     def on_gpu(self):
         return self.contexts[0].device_type == 'gpu'
+
+    @property
+    def distributed(self):
+        return self.name in DIST_KVSTORES
+
+    @property
+    def update_on_kvstore(self):
+        """dist_async must update on the servers; synchronous runs update on the workers, which keeps
+        the optimizer state local so `--resume` can save and load it (servers cannot save theirs)."""
+        return True if self.name == 'dist_async' else (False if self.distributed else None)
+
+    def shard_plan(self, num_shards):
+        """The shard indices this worker reads, or None when the samples are partitioned instead."""
+        if self.num_workers > 1 and num_shards >= self.num_workers:
+            return list(range(self.rank, num_shards, self.num_workers))
+        return None
+
+    @property
+    def part(self):
+        """(rank, num_workers) for a strided partition of each epoch's sample order."""
+        return (self.rank, self.num_workers)
 
     def describe(self):
         where = ', '.join(str(c) for c in self.contexts)

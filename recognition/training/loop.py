@@ -10,8 +10,10 @@ resume snapshot. `--resume` restores parameters, optimizer state, step, schedule
 masks are drawn from a generator reseeded from (seed, step) every step, so a resumed run repeats exactly
 the steps a straight run would have taken.
 """
+import glob
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -95,6 +97,19 @@ def load_val_sets(opts, image_size):
     return sets
 
 
+def training_recs(folder, dataset_name):
+    """`train.rec`, or the shards `train_0.rec, train_1.rec, ...` that face2rec2 --num-shards writes."""
+    rec = os.path.join(folder, 'train.rec')
+    if os.path.isfile(rec):
+        return [rec]
+    shards = sorted(glob.glob(os.path.join(folder, 'train_*.rec')),
+                    key=lambda p: int(re.sub(r'\D', '', os.path.basename(p)) or 0))
+    if not shards:
+        raise UserError(f'{rec}: training rec not found (dataset {dataset_name!r}; '
+                        f'build it with data_process/face2rec2.py or give --data-dir)')
+    return shards
+
+
 class TrainingSession:
     """Everything one run needs, built from `opts` (the merged config + CLI options).
 
@@ -121,15 +136,20 @@ class TrainingSession:
         self.global_batch = self.batch_size * self.topology.num_workers
         self.seed = int(opts.seed)
 
+        self.shard_samples = None
         self.dataset = dataset if dataset is not None else self._open_dataset()
         self.num_classes = int(self.dataset.num_classes)
         # The identity subset to train on (all when None); the loader samples only these.
         self.identities = None
+        if opts.get('selected_attributes'):
+            from ..finetune import select_identities
+            self.identities = select_identities(self.dataset, opts.selected_attributes,
+                                                opts.get('models_root', '.'), log=self.log.info)
         self.loader = None
         # The rec's property file is authoritative for the image size (as for the class count).
         self.image_size = tuple(int(v) for v in self.dataset.image_size)
         self.val_sets = load_val_sets(opts, self.image_size) if self.chief else []
-        self.steps_per_epoch = len(self.dataset) // self.batch_size
+        self.steps_per_epoch = self._samples_per_worker() // self.batch_size
         if self.steps_per_epoch == 0:
             raise UserError(f'{opts.dataset_path}: {len(self.dataset)} training images, fewer than one batch '
                             f'of {self.batch_size}')
@@ -142,7 +162,9 @@ class TrainingSession:
         self.frozen = freeze(self.net, int(opts.get('freeze_block', 0) or 0))
         if self.frozen:
             self.log.info('freeze-block %d: %d parameters frozen', opts.freeze_block, len(self.frozen))
-        self.params = {**self.net.collect_params(), **self.head.collect_params()}
+        self.tasks = self._build_tasks()
+        self.params = {**self.net.collect_params(), **self.head.collect_params(),
+                       **(self.tasks.collect_params() if self.tasks is not None else {})}
         self.trainable = {n: p for n, p in self.params.items() if p.grad_req != 'null'}
         self.trainer = self._build_trainer()
         self.loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
@@ -171,14 +193,28 @@ class TrainingSession:
     def _open_dataset(self):
         from ..data.dataset import FaceRecordDataset
         from ..data.transforms import train_transform
+        from ..data.record import read_layout
         opts = self.opts
-        rec = os.path.join(opts.dataset_path, 'train.rec')
-        if not os.path.isfile(rec):
-            raise UserError(f'{rec}: training rec not found (dataset {opts.dataset!r}; '
-                            f'build it with data_process/face2rec2.py or give --data-dir)')
+        recs = training_recs(opts.dataset_path, opts.dataset)
+        mine = self.topology.shard_plan(len(recs))
+        if mine is not None:
+            # Whole shards per rank; every rank runs as many steps as the smallest share allows.
+            sizes = [read_layout(r).num_images for r in recs]
+            workers = self.topology.num_workers
+            self.shard_samples = min(sum(sizes[rank::workers]) for rank in range(workers))
+            recs = [recs[i] for i in mine]
+            self.log.info('rank %d reads shards %s', self.topology.rank, ', '.join(map(os.path.basename, recs)))
         transform = train_transform(mirror=opts.data_rand_mirror, color=opts.data_color,
                                     cutoff=opts.data_cutoff, compress=opts.get('data_compress', False))
-        return FaceRecordDataset([rec], images_filter=opts.data_images_filter, transform=transform)
+        return FaceRecordDataset(recs, images_filter=opts.data_images_filter, transform=transform,
+                                 return_attributes=bool(opts.get('attr_heads')))
+
+    def _samples_per_worker(self):
+        """Samples one worker sees per epoch: all of its shards, or its strided share of the samples."""
+        if self.shard_samples is not None:
+            return self.shard_samples
+        n = len(self.dataset) if self.identities is None else len(self.dataset.indices_of(self.identities))
+        return n // self.topology.num_workers
 
     def _setup_precision(self):
         self.amp = False
@@ -219,12 +255,33 @@ class TrainingSession:
         head.hybridize(static_alloc=True, static_shape=True)
         return net, head
 
+    def _build_tasks(self):
+        """`--center-loss-weight` and `--attr-heads` (losses.AuxiliaryTasks), or None when both are off."""
+        from ..losses import build_auxiliary
+        opts = self.opts
+        emb_size = self.net(self.mx.nd.zeros((1, 3) + self.image_size, ctx=self.contexts[0])).shape[1]
+        tasks = build_auxiliary(self.dataset, emb_size, float(opts.get('center_loss_weight') or 0),
+                                float(opts.get('center_loss_alpha', 0.5)), opts.get('attr_heads', ''),
+                                opts.get('attr_weights', ''))
+        if tasks is None:
+            return None
+        tasks.initialize(ctx=self.contexts)
+        if opts.get('pretrained'):
+            checkpoint.load_extra(tasks, *checkpoint.parse_pretrained(opts.pretrained), log=self.log.info)
+        for name, p in tasks.collect_params().items():
+            p.wd_mult = wd_multiplier(name)
+        tasks.hybridize(static_alloc=True, static_shape=True)
+        self.log.info('auxiliary tasks: center loss weight %g; attribute heads %s', tasks.center_weight,
+                      ', '.join('%s (%d classes, weight %g)' % (a[0], a[2], a[3]) for a in tasks.attributes) or 'none')
+        return tasks
+
     def _build_trainer(self):
         mx = self.mx
         opts = self.opts
         optimizer_params = {'learning_rate': opts.lr, 'wd': opts.wd, 'momentum': opts.mom,
                             'multi_precision': self.amp}
-        trainer = mx.gluon.Trainer(self.trainable, 'sgd', optimizer_params, kvstore=self.topology.kvstore)
+        trainer = mx.gluon.Trainer(self.trainable, 'sgd', optimizer_params, kvstore=self.topology.kvstore,
+                                   update_on_kvstore=self.topology.update_on_kvstore)
         if self.amp:
             from mxnet.contrib import amp
             amp.init_trainer(trainer)
@@ -273,7 +330,8 @@ class TrainingSession:
             from ..data.dataset import train_loader
             self.loader = train_loader(self.dataset, self.batch_size,
                                        num_workers=self.opts.get('num_workers', 0), shuffle=True,
-                                       seed=self.seed, identities=self.identities, last_batch='discard')
+                                       seed=self.seed, identities=self.identities, last_batch='discard',
+                                       part=self.topology.part if self.shard_samples is None else None)
         self.loader.set_epoch(epoch, start_batch)
         return self.loader
 
@@ -330,7 +388,8 @@ class TrainingSession:
 
     def save_model(self, epoch):
         strip = bool(self.opts.get('ckpt_embedding'))
-        path = checkpoint.save_checkpoint(self.prefix, epoch, self.net, self.head, strip_fc7=strip)
+        path = checkpoint.save_checkpoint(self.prefix, epoch, self.net, self.head, strip_fc7=strip,
+                                          extra_blocks=[self.tasks] if self.tasks is not None else [])
         checkpoint.write_latest(self.run_dir, self.prefix, epoch)
         self.last_checkpoint = (self.prefix, epoch)
         self.log.info('saving %d: %s%s', epoch, path, ' (embedding only)' if strip else '')
@@ -342,13 +401,21 @@ class TrainingSession:
     def _forward_backward(self, data, label):
         mx = self.mx
         autograd = mx.autograd
+        label = label.astype('float32')
+        # With attribute heads the label is [identity, *attributes]; the margin head takes the identity.
+        aux = self.tasks.split_labels(label, self.contexts) if self.tasks is not None else None
         xs = mx.gluon.utils.split_and_load(data, self.contexts)
-        ys = mx.gluon.utils.split_and_load(label.astype('float32'), self.contexts)
-        losses, logits = [], []
+        ys = mx.gluon.utils.split_and_load(label[:, 0] if label.ndim == 2 else label, self.contexts)
+        losses, logits, records = [], [], []
         with autograd.record():
-            for x, y in zip(xs, ys):
-                out = self.head(self.net(x), y)
-                losses.append(self.loss_fn(out, y))
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                emb = self.net(x)
+                out = self.head(emb, y)
+                loss = self.loss_fn(out, y)
+                if aux is not None:
+                    loss, record = self.tasks(emb, y, aux[i], loss)
+                    records.append(record)
+                losses.append(loss)
                 logits.append(out)
             if self.amp:
                 from mxnet.contrib import amp
@@ -357,6 +424,8 @@ class TrainingSession:
             else:
                 backward = losses
         autograd.backward(backward)
+        if records:
+            self.tasks.account(records)
         loss_sum = sum(float(l.sum().asscalar()) for l in losses)
         correct = sum(int((o.argmax(axis=1) == y).sum().asscalar()) for o, y in zip(logits, ys))
         return loss_sum / data.shape[0], correct
@@ -400,8 +469,13 @@ class TrainingSession:
                         self.log.info('auto-decay: no loss decrease for %d steps, lr x%g -> %g',
                                       self.plateau.patience, self.plateau.factor,
                                       self.schedule(self.step) * self.plateau.scale)
-                    self.monitor.batch(self.step, self.epoch, self.batch_in_epoch, loss, correct,
-                                       data.shape[0], lr)
+                    logged = self.monitor.batch(self.step, self.epoch, self.batch_in_epoch, loss, correct,
+                                                data.shape[0], lr)
+                    if logged is not None and self.tasks is not None:
+                        parts = self.tasks.window()   # the total above, split into its parts
+                        self.log.info('Epoch[%d] Batch[%d] %s', self.epoch, self.batch_in_epoch,
+                                      ' '.join('%s=%f' % kv for kv in parts.items()))
+                        self.monitor.scalars(self.step, {'train/' + k: v for k, v in parts.items()})
                     if self.step % 1000 == 0:
                         self.log.info('lr-batch-epoch: %g %d %d', lr, self.batch_in_epoch, self.epoch)
                     if self.step % int(opts.verbose) == 0:

@@ -1,0 +1,85 @@
+"""Accuracy and confusion matrix of a multi-task model's attribute heads (gender, age group) on labelled photos.
+
+    python test/attributes.py --model models/demo-nsoftmax-demo_fairface/model,1 \\
+        --images datasets/demo_fairface/val/images --landmarks datasets/demo_fairface/val/landmarks.txt \\
+        --metadata datasets/demo_fairface/val/metadata.csv --out attributes_val
+
+--model is `prefix,epoch` or a model folder (model.json). Images are named <TEMPLATE_ID>.<ext>; they are
+aligned first (given landmarks, else MTCNN with fallbacks) unless --already-aligned. Writes
+attributes.json, attributes.csv and confusion_<attribute>.png into --out.
+"""
+import argparse
+import os
+
+from recognition.evaluation.attributes import attribute_heads, evaluate_attributes, read_metadata
+from recognition.inference import list_images, load_embedder, parse_model_ref, read_model_json
+from recognition.utils import UserError, parse_contexts, run_cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', required=True, help='prefix,epoch or a model folder with model.json')
+    p.add_argument('--images', required=True, help='folder of photos named <TEMPLATE_ID>.<ext>')
+    p.add_argument('--metadata', required=True, help='CSV with TEMPLATE_ID and the attribute columns (GENDER, AGE)')
+    p.add_argument('--out', required=True, help='output folder')
+    p.add_argument('--attributes', default='', help='heads to evaluate, e.g. gender (default: all of the model)')
+    p.add_argument('--landmarks', default='', help='"<file> x1 y1 ... x5 y5" lines: align with these points')
+    p.add_argument('--already-aligned', action='store_true', help='--images holds aligned 112x112 crops')
+    p.add_argument('--aligned-dir', default='', help='where aligned crops go (default: <out>/aligned)')
+    p.add_argument('--no-flip', action='store_true', help='no mirrored-crop averaging')
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--image-size', type=int, default=112, help='network input size (crops are resized to it)')
+    p.add_argument('--workers', type=int, default=1, help='alignment worker processes')
+    p.add_argument('--gpus', default='')
+    p.add_argument('--ctx', default='')
+    return p.parse_args(argv)
+
+
+def model_reference(ref):
+    """(prefix, epoch, bgr, input_scale, name) of `prefix,epoch` or a model folder."""
+    if os.path.isdir(ref):
+        meta = read_model_json(ref)
+        return (os.path.join(ref, meta['prefix']), meta['epoch'], meta['color'] == 'bgr', meta['input_scale'],
+                os.path.basename(os.path.normpath(ref)))
+    prefix, epochs = parse_model_ref(ref)
+    if len(epochs) != 1:
+        raise UserError(f'--model {ref!r}: give one epoch')
+    return prefix, epochs[0], False, 'raw', f'{os.path.basename(prefix)},{epochs[0]}'
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prefix, epoch, bgr, input_scale, name = model_reference(args.model)
+    heads = attribute_heads(prefix)
+    if args.attributes:
+        wanted = [a.strip() for a in args.attributes.split(',') if a.strip()]
+        unknown = [a for a in wanted if a not in heads]
+        if unknown:
+            raise UserError(f'{prefix}-symbol.json: no attribute head {unknown[0]!r} (has {", ".join(heads)})')
+        heads = {a: heads[a] for a in wanted}
+    ids, codes = read_metadata(args.metadata, list(heads))
+    image_dir = args.images
+    if not args.already_aligned:
+        from recognition.align import align_folder
+        image_dir = args.aligned_dir or os.path.join(args.out, 'aligned')
+        align_folder(args.images, image_dir, image_size=args.image_size, landmarks=args.landmarks or None,
+                     num_workers=args.workers, skip_existing=True)
+    images = list_images(image_dir)
+    missing = [t for t in ids if t not in images]
+    if missing:
+        raise UserError(f'{args.metadata}: {len(missing)} TEMPLATE_IDs without an image in {image_dir}: '
+                        f'{", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}')
+    embedder = load_embedder(prefix, epoch, layer=[layer for layer, _ in heads.values()],
+                             ctx=parse_contexts(args.gpus, args.ctx), bgr=bgr, input_scale=input_scale,
+                             batch_size=args.batch_size, name=name)
+    summary = evaluate_attributes(embedder, heads, ids, [images[t] for t in ids], codes, args.out,
+                                  batch_size=args.batch_size, flip=not args.no_flip, metadata=args.metadata,
+                                  image_size=args.image_size, progress=True)
+    for attr, r in summary['attributes'].items():
+        print(f'{attr}: accuracy {r["accuracy"]:.4f} (balanced {r["balanced_accuracy"]:.4f}, majority class '
+              f'{r["chance"]:.4f}) on {r["n"]} images, {r["unknown"]} unknown; {os.path.join(args.out, r["plot"])}')
+    print(f'wrote {os.path.join(args.out, "attributes.json")}')
+
+
+if __name__ == '__main__':
+    run_cli(main)
