@@ -209,8 +209,8 @@ def main():
               f'| {ideal:.2f} |')
     print(f'| control: pure-Python loop, 2 processes vs 1 (the parallelism the machine gives now) '
           f'| | {control[2] / control[1]:.2f} | | | 2.00 |')
-    print(f'\n| loader (mirror, batch 128, float32 NCHW) | images/s (wall) | images per CPU-second of the '
-          f'decoding processes | main CPU us/image |')
+    print('\n| loader (mirror, batch 128, float32 NCHW) | images/s (wall) | images per CPU-second of the '
+          'decoding processes | main CPU us/image |')
     print('|---|---|---|---|')
     print(f'| raw cv2.imdecode, 1 process (the limit) | {decode_wall:.0f} | {decode_cpu:.0f} | - |')
     for w, runs in loader.items():

@@ -18,7 +18,7 @@ import os
 
 import mxnet as mx
 
-from .utils import UserError, atomic_open, atomic_path
+from .utils import UserError, atomic_open, atomic_path, write_json
 
 EMBEDDING = 'fc1'
 LABEL = 'softmax_label'
@@ -210,8 +210,7 @@ def save_resume(prefix, params, trainer, state):
     with atomic_path(base + '.states') as tmp:
         trainer.save_states(tmp)
     record = dict(state, params=os.path.basename(base + '.params'), states=os.path.basename(base + '.states'))
-    with atomic_open(resume_file(prefix)) as f:
-        json.dump(record, f, indent=1)
+    write_json(resume_file(prefix), record)
     keep = {base + '.params', base + '.states'}
     for old in glob.glob(glob.escape(prefix) + '-resume-*.*'):
         if old not in keep and old.endswith(('.params', '.states')):

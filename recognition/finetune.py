@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 
-from .utils import UserError, atomic_open
+from .evaluation.fairness import GROUP_CODES, evaluate_predictions, group_badness, worst_group
+from .utils import UserError, atomic_open, write_json
 
 # The protected attributes of the rec labels (architecture: GENDER 0 female / 1 male, SKIN_COLOUR 0 light /
 # 1 dark), found by case-insensitive name so `gender` (emore recs) and `GENDER` (csv columns) both match.
@@ -57,7 +58,6 @@ def parse_group(spec, attribute_names, attribute_codes, where='--selected-attrib
     project's codes (0 light_female, 1 dark_female, 2 light_male, 3 dark_male; the seed's unpublished rec
     encoded its attributes differently, where 3 was dark female).
     """
-    from .evaluation.fairness import GROUP_CODES
     text = str(spec).strip()
     if not text:
         raise UserError(f'{where}: empty group')
@@ -138,24 +138,10 @@ def select_identities(dataset, spec, models_root='.', log=print):
 
 
 # --- evaluation on the validation pairs and the step-3 choice ----------------------------------------------
-def group_badness(result, attr=GROUP_ATTRIBUTE):
-    """Per group: effect on impostor pairs - effect on genuine pairs (`fairness.worst_group`'s criterion)."""
-    bias = result['bias'][attr]
-
-    def effect(polarity):
-        adj = bias[polarity]['adjusted_effect']
-        return adj if any(v is not None for v in adj.values()) else bias[polarity]['mean_rank']
-    neg, pos = effect('negative'), effect('positive')
-    return {g: neg[g] - pos[g] for g in neg if neg.get(g) is not None and pos.get(g) is not None}
-
-
-CRITERIA = ('auc', 'errors', 'rank')
-
-
 def group_numbers(result, attr=GROUP_ATTRIBUTE):
     """Per group: AUC, FMR and FNMR at the global EER threshold, and the rank badness."""
     rates = result['bias'][attr]['error_rates']['eer']
-    badness = group_badness(result, attr)
+    badness = group_badness(result, attr, 'rank')
     return {g: {'auc': result['group_auc'][attr].get(g), 'fmr_eer': rates['fmr'].get(g),
                 'fnmr_eer': rates['fnmr'].get(g), 'badness': badness.get(g)} for g in rates['fmr']}
 
@@ -174,31 +160,15 @@ def summarise(result, attr=GROUP_ATTRIBUTE):
             'rank_bias_negative': bias['negative']['rank']['spread'],
             'fmr_ratio_at_eer': eer_rates['fmr_ratio'],
             'fnmr_ratio_at_eer': eer_rates['fnmr_ratio'],
-            'worst_group_rank': result['worst_group']}
+            'worst_group': result['worst_group']}
 
 
 def choose_group(result, criterion='auc', attr=GROUP_ATTRIBUTE):
-    """The step-3 choice: the most discriminated group of `attr` and the numbers behind it.
-
-    `auc`: lowest AUC within the group (how well the model separates its people); `errors`: highest
-    FMR + FNMR at the global EER threshold (what a deployed threshold does to it); `rank`:
-    `fairness.worst_group` (impostor minus genuine rank effect). The rank criterion compares score
-    shifts, so a group whose scores are all higher (people more alike) can cancel out: on the synthetic
-    demo it does not pick the planted dark-female group, which has the lowest AUC and the highest FMR.
+    """The step-3 choice: the most discriminated group of `attr` (`fairness.worst_group` by `criterion`)
+    and the numbers behind it. On the synthetic demo the `rank` criterion does not pick the planted
+    dark-female group, which has the lowest AUC and the highest FMR; `auc` (the default) does.
     """
-    from .evaluation.fairness import GROUP_CODES, worst_group
-    if criterion not in CRITERIA:
-        raise UserError(f'--criterion {criterion!r}: choose from {CRITERIA}')
-    numbers = group_numbers(result, attr)
-    if criterion == 'rank':
-        group = worst_group(result, attr)
-    else:
-        if criterion == 'auc':
-            score = {g: -n['auc'] for g, n in numbers.items() if n['auc'] is not None}
-        else:
-            score = {g: n['fmr_eer'] + n['fnmr_eer'] for g, n in numbers.items()
-                     if n['fmr_eer'] is not None and n['fnmr_eer'] is not None}
-        group = max(score, key=score.get) if score else None
+    group = worst_group(result, attr, criterion)
     if group is None:
         raise UserError('validation pairs: no group has both genuine and impostor pairs; cannot choose one')
     return {'group': group, 'codes': GROUP_CODES[group], 'attribute': attr, 'criterion': criterion,
@@ -230,7 +200,6 @@ def evaluate_checkpoint(model, val_dir, out_dir, aligned_dir=None, ctx=None, bat
     from .align import align_folder
     from .checkpoint import parse_pretrained
     from .evaluation.ensemble import predict
-    from .evaluation.fairness import evaluate_predictions
     from .inference import list_images, load_embedder
     files = val_files(val_dir)
     prefix, epoch = parse_pretrained(model)
@@ -241,16 +210,8 @@ def evaluate_checkpoint(model, val_dir, out_dir, aligned_dir=None, ctx=None, bat
     predictions = os.path.join(out_dir, 'predictions.csv')
     predict(files['template'], list_images(aligned_dir), [embedder], predictions, batch_size=batch_size)
     result = evaluate_predictions(predictions, files['ground_truth'], files['metadata'])
-    from .evaluation.report import _to_json
-    with atomic_open(os.path.join(out_dir, 'eval.json')) as f:
-        json.dump(_to_json(result), f, indent=1)
+    write_json(os.path.join(out_dir, 'eval.json'), result)
     return result
-
-
-def write_json(path, doc):
-    with atomic_open(path) as f:
-        json.dump(doc, f, indent=1)
-        f.write('\n')
 
 
 # --- the chain table ------------------------------------------------------------------------------------
@@ -321,7 +282,6 @@ def classify(embedder, fc7_weight, dataset, batch_size=64):
 
 def _group_names(dataset):
     """Per-identity gender_skin group name (None when the rec has no gender/skin attributes)."""
-    from .evaluation.fairness import GROUP_CODES
     try:
         g, s = (_rec_name(n, dataset.attribute_names, '') for n in (GENDER, SKIN))
     except UserError:
@@ -370,15 +330,14 @@ def _check_property(out_prefix, num_classes, image_size):
 
 def _hard_lst(src_lst, out_prefix, hard_ids):
     """Lines of the source .lst whose label is a hard identity, paths re-based for the new .lst's folder."""
-    from .data.lst import read_lst
-    from .data.packer import _resolve
+    from .data.lst import read_lst, resolve_lst_path
     src_dir = os.path.dirname(os.path.abspath(src_lst))
     out_dir = os.path.dirname(os.path.abspath(out_prefix))
     keep = set(int(i) for i in hard_ids)
     items = []
     for item in read_lst(src_lst):
         if item.label in keep:
-            path = os.path.abspath(_resolve(item.path, src_dir))
+            path = os.path.abspath(resolve_lst_path(item.path, src_dir))
             items.append(item._replace(path=os.path.relpath(path, out_dir)))
     return items
 

@@ -1,5 +1,6 @@
 """Small shared helpers: user-facing errors, atomic file output, CLI entry wrapper, contexts."""
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -38,6 +39,26 @@ def atomic_open(path, mode='w', **kwargs):
     with atomic_path(path) as tmp:
         with open(tmp, mode, **kwargs) as f:
             yield f
+
+
+def jsonable(obj):
+    """`obj` with numpy scalars as Python numbers and NaN/inf as None (JSON has neither)."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, 'item') and getattr(obj, 'ndim', None) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and obj != obj or obj in (float('inf'), float('-inf')):
+        return None
+    return obj
+
+
+def write_json(path, doc):
+    """Write `doc` as indented JSON, atomically."""
+    with atomic_open(path) as f:
+        json.dump(jsonable(doc), f, indent=1)
+        f.write('\n')
 
 
 def run_cli(main):

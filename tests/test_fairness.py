@@ -122,7 +122,6 @@ def test_csv_join_order_and_missing_metadata(tmp_path):
 
 
 def test_report_files(tmp_path):
-    import importlib.util
     import json
     import os
     from recognition.evaluation.report import summary_text, write_report

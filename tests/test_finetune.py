@@ -17,10 +17,11 @@ from recognition.data.lst import LstItem, read_lst, write_lst
 from recognition.data.record import KNOWN_CODES, IdentityRecordWriter
 from recognition.data.synthetic import DemoSizes, build_demo
 from recognition.evaluation.ensemble import read_pairs_csv, write_predictions
+from recognition.evaluation.fairness import WORST_GROUP_CRITERIA, evaluate_predictions
 from recognition.losses import build_head
 from recognition.models import get_model, init_params
 from recognition.training import TrainingSession
-from recognition.utils import UserError
+from recognition.utils import UserError, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMB = 128   # the demo network preset's embedding size
@@ -143,14 +144,13 @@ def test_selection_finds_a_planted_bias(fairface, tmp_path, planted):
     write_predictions(predictions, id1, id2, scores)
     out = str(tmp_path / 'models' / 'protected_group.json')
     os.makedirs(os.path.dirname(out))
-    from recognition.evaluation.fairness import evaluate_predictions
     result = evaluate_predictions(predictions, os.path.join(val, 'ground_truth.csv'), os.path.join(val, 'metadata.csv'))
-    for criterion in finetune.CRITERIA:
+    for criterion in WORST_GROUP_CRITERIA:
         choice = finetune.choose_group(result, criterion)
         assert choice['group'] == planted, criterion
     groups = choice['groups']
     assert min(groups, key=lambda g: groups[g]['auc']) == planted
-    finetune.write_json(out, choice)
+    write_json(out, choice)
     ds = FaceRecordDataset(os.path.join(fairface, 'train.rec'))
     assert finetune.select_identities(ds, 'auto', models_root=str(tmp_path / 'models'), log=lambda m: None) \
         == finetune.select_identities(ds, planted, log=lambda m: None)

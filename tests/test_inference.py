@@ -1,6 +1,5 @@
 """The shared loader on a checkpoint made by plain mx.sym + mx.mod.Module (not by our trainer)."""
 import json
-import os
 
 import mxnet as mx
 import numpy as np

@@ -22,7 +22,7 @@ from recognition.data.bin import write_bin
 from recognition.data.record import IdentityRecordWriter
 from recognition.losses import build_head
 from recognition.models import get_model
-from recognition.training import TrainingDiverged, TrainingSession, train
+from recognition.training import TrainingDiverged, TrainingSession
 from recognition.utils import UserError
 
 SIZE = 40  # the demo net at 32x32 reaches 1x1 maps, where MKLDNN corrupts memory (see report)

@@ -11,9 +11,9 @@ behind the choice to a JSON that `train/train.py --selected-attributes auto[:fil
 import argparse
 import os
 
-from recognition.finetune import (CRITERIA, GROUP_FILE, append_chain_row, choose_group, evaluate_checkpoint,
-                                  write_json)
-from recognition.utils import UserError, parse_contexts, run_cli
+from recognition.evaluation.fairness import WORST_GROUP_CRITERIA, evaluate_predictions
+from recognition.finetune import GROUP_FILE, append_chain_row, choose_group, evaluate_checkpoint
+from recognition.utils import UserError, parse_contexts, run_cli, write_json
 
 
 def parse_args(argv=None):
@@ -28,9 +28,9 @@ def parse_args(argv=None):
                                                   '(default: beside --out, <out name>_eval/)')
     p.add_argument('--aligned-dir', default='', help='aligned validation crops, reused between runs '
                                                      '(default: <eval dir>/aligned)')
-    p.add_argument('--criterion', default='auc', choices=CRITERIA,
+    p.add_argument('--criterion', default='auc', choices=WORST_GROUP_CRITERIA,
                    help='auc: lowest AUC within the group; errors: highest FMR+FNMR at the EER threshold; '
-                        'rank: fairness.worst_group (impostor minus genuine rank effect)')
+                        'rank: impostor minus genuine rank effect (docs/metrics.md)')
     p.add_argument('--table', default='', help='also record the numbers as a row of this chain table '
                                                '(PREFIX.json and PREFIX.md)')
     p.add_argument('--step', default='', help='the row name in --table')
@@ -50,7 +50,6 @@ def main(argv=None):
                                      ctx=parse_contexts(args.gpus, args.ctx), batch_size=args.batch_size)
         print(f'read {args.model} and {args.val_dir}; wrote {eval_dir}/predictions.csv, {eval_dir}/eval.json')
     else:
-        from recognition.evaluation.fairness import evaluate_predictions
         result = evaluate_predictions(args.predictions, os.path.join(args.val_dir, 'ground_truth.csv'),
                                       os.path.join(args.val_dir, 'metadata.csv'))
     choice = choose_group(result, args.criterion)

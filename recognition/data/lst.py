@@ -101,3 +101,11 @@ def dir_to_lst(image_dir, root=None):
     if not items:
         raise UserError(f'{image_dir}: no images found in identity sub-folders')
     return items
+
+
+def resolve_lst_path(path, lst_dir):
+    """Relative .lst paths are taken from the .lst's folder first, then from the working folder."""
+    if os.path.isabs(path):
+        return path
+    candidate = os.path.join(lst_dir, path)
+    return candidate if os.path.exists(candidate) or not os.path.exists(path) else path

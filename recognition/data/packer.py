@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from recognition.align import norm_crop
-from recognition.data.lst import read_lst
+from recognition.data.lst import read_lst, resolve_lst_path
 from recognition.data.record import KNOWN_CODES, IdentityRecordWriter, property_path, write_property
 from recognition.utils import UserError, atomic_open
 
@@ -157,14 +157,6 @@ class AttributeTable:
         return v
 
 
-def _resolve(path, lst_dir):
-    """Relative .lst paths are taken from the .lst's folder first, then from the working folder."""
-    if os.path.isabs(path):
-        return path
-    candidate = os.path.join(lst_dir, path)
-    return candidate if os.path.exists(candidate) or not os.path.exists(path) else path
-
-
 def _group_by_label(items, lst_path):
     """Identities are contiguous runs in the rec: regroup an unsorted list stably, with a warning."""
     first_seen, grouped, previous = {}, True, None
@@ -191,7 +183,7 @@ def _encode_params(encoding, quality):
 def encode_image(job):
     """(encoded bytes, None) or (None, reason) for one .lst entry; runs in a worker process."""
     path, lst_dir, aligned, landmarks, image_size, encoding, params = job
-    path = _resolve(path, lst_dir)
+    path = resolve_lst_path(path, lst_dir)
     try:
         with open(path, 'rb') as f:
             data = f.read()
@@ -274,7 +266,7 @@ def pack_list(lst_path, num_threads=1, quality=95, encoding='.jpg', num_shards=1
     lst_dir = os.path.dirname(os.path.abspath(lst_path))
     attrs = [()] * len(items)
     if table is not None:
-        attrs = [table.lookup(it.path, _resolve(it.path, lst_dir)) for it in items]
+        attrs = [table.lookup(it.path, resolve_lst_path(it.path, lst_dir)) for it in items]
         missing = [it.path for it, a in zip(items, attrs) if a is None]
         if missing:
             raise UserError(f'{table.csv_path}: no row for {len(missing)} of {len(items)} images '

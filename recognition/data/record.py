@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from recognition.utils import UserError, atomic_open, atomic_path
+from recognition.utils import UserError, atomic_open, atomic_path, write_json
 
 # The codes the FairFace challenge uses; the sidecar records them so label[2:] is self-describing.
 KNOWN_CODES = {
@@ -78,9 +78,7 @@ def read_property(path):
 def write_attributes(path, names, codes):
     """Write the attribute sidecar: names in label order (label[2:]) and code meanings."""
     codes = {n: {str(k): v for k, v in codes.get(n, {}).items()} for n in names}
-    with atomic_open(path) as f:
-        json.dump({'names': list(names), 'codes': codes}, f, indent=1, sort_keys=False)
-        f.write('\n')
+    write_json(path, {'names': list(names), 'codes': codes})
 
 
 def read_attributes(path):

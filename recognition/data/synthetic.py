@@ -15,7 +15,6 @@ renders to the same bytes in any order or process.
 """
 import csv
 import functools
-import json
 import math
 import os
 import shutil
@@ -29,7 +28,7 @@ from recognition.align import norm_crop, template
 from recognition.data.bin import write_bin
 from recognition.data.lst import dir_to_lst, write_lst
 from recognition.data.packer import codes_path, pack, write_codes
-from recognition.utils import UserError, atomic_open
+from recognition.utils import UserError, atomic_open, write_json
 
 # Attribute codes (the architecture's contract): GENDER 0 female, 1 male; SKIN_COLOUR 0 light, 1 dark.
 GENDERS = ('female', 'male')
@@ -854,9 +853,7 @@ def _write_csv(path, header, rows):
 
 
 def _write_summary(folder, summary):
-    with atomic_open(os.path.join(folder, SUMMARY_FILE)) as f:
-        json.dump(summary, f, indent=1)
-        f.write('\n')
+    write_json(os.path.join(folder, SUMMARY_FILE), summary)
 
 
 def _build_emore(folder, seed, sizes, renderer):

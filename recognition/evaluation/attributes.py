@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ..inference import read_image, to_nchw
-from ..utils import UserError, atomic_open, atomic_path
+from ..utils import UserError, atomic_open, atomic_path, write_json
 
 OUTPUT_PREFIX, OUTPUT_SUFFIX = 'attr_', '_output'
 
@@ -164,7 +164,5 @@ def evaluate_attributes(embedder, heads, ids, paths, codes, out_dir, batch_size=
         for i, tid in enumerate(ids):
             w.writerow([tid] + [v for n in names for v in (int(codes[n][i]), int(predicted[n][0][i]),
                                                           '%.4f' % predicted[n][1][i].max())])
-    with atomic_open(os.path.join(out_dir, 'attributes.json')) as f:
-        json.dump(summary, f, indent=1)
-        f.write('\n')
+    write_json(os.path.join(out_dir, 'attributes.json'), summary)
     return summary

@@ -412,20 +412,38 @@ def evaluate_pairs(pairs):
     return result
 
 
-def worst_group(result, attr='gender_skin'):
-    """The most disadvantaged group of `attr`: highest impostor scores and lowest genuine scores.
+WORST_GROUP_CRITERIA = ('auc', 'errors', 'rank')
 
-    Badness = effect on negative pairs - effect on positive pairs, using the adjusted effects (b) when
-    they exist, else the mean ranks (a). Returns the group name (see GROUP_CODES) or None.
+
+def group_badness(result, attr='gender_skin', criterion='auc'):
+    """How badly the model treats each group of `attr` (higher = worse), by `criterion`:
+
+    `auc`: minus the AUC within the group (how well the model separates its people); `errors`: FMR + FNMR
+    at the global EER threshold (what one deployed threshold does to the group); `rank`: effect on
+    negative pairs - effect on positive pairs, with the adjusted effects (b) when they exist, else the
+    mean ranks (a). `rank` compares score shifts, so a group whose scores are all higher (people look
+    alike) can cancel out; `auc` and `errors` do not.
     """
+    if criterion == 'auc':
+        return {g: -v for g, v in result['group_auc'][attr].items() if v is not None}
+    if criterion == 'errors':
+        rates = result['bias'][attr]['error_rates']['eer']
+        return {g: rates['fmr'][g] + rates['fnmr'][g] for g in rates['fmr']
+                if rates['fmr'][g] is not None and rates['fnmr'].get(g) is not None}
+    if criterion != 'rank':
+        raise UserError(f'criterion {criterion!r}: choose from {", ".join(WORST_GROUP_CRITERIA)}')
     bias = result['bias'][attr]
+
     def effect(polarity):
         adj = bias[polarity]['adjusted_effect']
-        if any(v is not None for v in adj.values()):
-            return adj
-        return bias[polarity]['mean_rank']
+        return adj if any(v is not None for v in adj.values()) else bias[polarity]['mean_rank']
     neg, pos = effect('negative'), effect('positive')
-    badness = {g: neg[g] - pos[g] for g in ATTRIBUTES[attr] if neg.get(g) is not None and pos.get(g) is not None}
+    return {g: neg[g] - pos[g] for g in ATTRIBUTES[attr] if neg.get(g) is not None and pos.get(g) is not None}
+
+
+def worst_group(result, attr='gender_skin', criterion='auc'):
+    """The most disadvantaged group of `attr` by `criterion` (see group_badness), or None."""
+    badness = group_badness(result, attr, criterion)
     return max(badness, key=badness.get) if badness else None
 
 

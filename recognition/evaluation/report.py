@@ -4,13 +4,12 @@ Every file is written atomically; report.json is written last, so its presence m
 """
 import base64
 import html
-import json
 import os
 
 import numpy as np
 
 from recognition.evaluation.fairness import ATTRIBUTES, Ranked, group_roc
-from recognition.utils import atomic_open, atomic_path
+from recognition.utils import atomic_open, atomic_path, write_json
 
 ATTR_TITLES = {'gender': 'gender', 'skin': 'skin colour', 'gender_skin': 'gender x skin colour'}
 
@@ -159,18 +158,6 @@ def plot_all(pairs, result, out_dir):
     return plots
 
 
-def _to_json(obj):
-    if isinstance(obj, dict):
-        return {k: _to_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_json(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def write_report(pairs, result, out_dir, title='Face verification: accuracy and bias'):
     """Write plots, report.md, report.html (images inlined) and report.json into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
@@ -203,7 +190,6 @@ def write_report(pairs, result, out_dir, title='Face verification: accuracy and 
     with atomic_open(os.path.join(out_dir, 'report.html')) as f:
         f.write(f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
                 f'<style>{style}</style></head><body>{"".join(body)}</body></html>')
-    with atomic_open(os.path.join(out_dir, 'report.json')) as f:
-        json.dump(_to_json(result), f, indent=1)
+    write_json(os.path.join(out_dir, 'report.json'), result)
     return {'json': os.path.join(out_dir, 'report.json'), 'md': os.path.join(out_dir, 'report.md'),
             'html': os.path.join(out_dir, 'report.html'), 'plots': sorted(plots)}
