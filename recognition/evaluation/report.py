@@ -70,8 +70,9 @@ def text_table(head, rows):
 
 
 def summary_text(result):
-    """What the CLI prints: accuracy, then bias per attribute."""
-    return text_table(*accuracy_rows(result)) + '\n\n' + text_table(*summary_rows(result))
+    """What the CLI prints: accuracy, bias per attribute, then the gender x skin colour groups' numbers."""
+    return '\n\n'.join([text_table(*accuracy_rows(result)), text_table(*summary_rows(result)),
+                        text_table(*group_rows(result, 'gender_skin'))])
 
 
 def _md_table(head, rows):
