@@ -1,4 +1,4 @@
-"""Align a folder of photos to 112x112 faces: `align_dataset_mtcnn.py INPUT_DIR OUTPUT_DIR`.
+"""Align a folder of photos to 112x112 (or 112x96) faces: `align_dataset_mtcnn.py INPUT_DIR OUTPUT_DIR`.
 
 Mirrors the folder tree as JPEGs and writes OUTPUT_DIR/align_report.csv
 (`path,status,score,x1,y1,...,x5,y5`; landmarks in input pixels). Faces come from --landmarks
@@ -10,7 +10,7 @@ import argparse
 import collections
 import sys
 
-from recognition.align import REPORT_NAME, align_folder, read_landmarks_file
+from recognition.align import REPORT_NAME, align_folder, crop_size, read_landmarks_file
 from recognition.utils import parse_contexts, run_cli
 
 
@@ -18,8 +18,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('input_dir')
     parser.add_argument('output_dir')
-    parser.add_argument('--image-size', type=int, default=112, choices=[112],
-                        help='aligned crop size (the arcface template is 112x112)')
+    parser.add_argument('--image-size', type=crop_size, default=(112, 112), metavar='H[,W]',
+                        help='aligned crop: 112 (the arcface 112x112 template) or 112,96 (the 96-wide one)')
     parser.add_argument('--landmarks', default=None, help='5-point landmarks file; listed images are not detected')
     parser.add_argument('--num-workers', type=int, default=1, help='worker processes')
     parser.add_argument('--min-face-size', type=int, default=20, help='MTCNN minimum face size in pixels')
@@ -32,7 +32,8 @@ def main(argv=None):
     if args.min_face_size != 20 or args.gpus:
         from recognition.detection import MTCNNDetector
         detector = MTCNNDetector(ctx=parse_contexts(args.gpus)[0], min_face_size=args.min_face_size)
-    rows = align_folder(args.input_dir, args.output_dir, image_size=args.image_size, landmarks=landmarks,
+    height, width = args.image_size
+    rows = align_folder(args.input_dir, args.output_dir, image_size=height, width=width, landmarks=landmarks,
                         detector=detector, num_workers=args.num_workers,
                         skip_existing=not args.no_skip_existing,
                         log=lambda message: print(f'warning: {message}', file=sys.stderr, flush=True))

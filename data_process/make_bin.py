@@ -2,9 +2,9 @@
 
 PAIRS is LFW's pairs.txt (a header `folds pairs_per_fold` or `pairs`, then `name n1 n2` same-person
 and `name1 n1 name2 n2` different-person lines, images at DIR/name/name_%04d.jpg) or simple
-`path1 path2 0|1` lines with paths relative to DIR. Each image is aligned to 112x112 from
---landmarks (`relative/path x1 y1 ... x5 y5`) or by the MTCNN detector with fallbacks, JPEG-encoded,
-and stored in pair order with the issame list.
+`path1 path2 0|1` lines with paths relative to DIR. Each image is aligned to 112x112 (or 112x96
+with --image-size 112,96) from --landmarks (`relative/path x1 y1 ... x5 y5`) or by the MTCNN
+detector with fallbacks, JPEG-encoded, and stored in pair order with the issame list.
 """
 import argparse
 import collections
@@ -12,47 +12,10 @@ import os
 
 import cv2
 
-from recognition.align import align_face, read_landmarks_file, relative_key
+from recognition.align import align_face, crop_size, read_landmarks_file, relative_key
 from recognition.data.bin import write_bin
+from recognition.data.pairs import parse_pairs
 from recognition.utils import UserError, run_cli
-
-
-def _is_int(token):
-    return token.lstrip('-').isdigit()
-
-
-def lfw_path(name, number):
-    return f'{name}/{name}_{int(number):04d}.jpg'
-
-
-def parse_pairs(path):
-    """[(path1, path2, issame)] from an LFW pairs.txt or a `path1 path2 0|1` list."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            lines = [(n, line.split()) for n, line in enumerate(f, 1) if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f'{path}: cannot read pairs file ({e})') from e
-    expected = None
-    if lines and 1 <= len(lines[0][1]) <= 2 and all(_is_int(t) for t in lines[0][1]):
-        header = [int(t) for t in lines.pop(0)[1]]
-        # LFW: `folds n` means folds x (n same + n different); View-1 files give just n.
-        expected = header[0] * header[1] * 2 if len(header) == 2 else header[0] * 2
-    pairs = []
-    for lineno, tokens in lines:
-        if len(tokens) == 3 and _is_int(tokens[1]) and _is_int(tokens[2]):
-            pairs.append((lfw_path(tokens[0], tokens[1]), lfw_path(tokens[0], tokens[2]), True))
-        elif len(tokens) == 4 and _is_int(tokens[1]) and _is_int(tokens[3]):
-            pairs.append((lfw_path(tokens[0], tokens[1]), lfw_path(tokens[2], tokens[3]), False))
-        elif len(tokens) == 3 and tokens[2] in ('0', '1'):
-            pairs.append((tokens[0], tokens[1], tokens[2] == '1'))
-        else:
-            raise UserError(f'{path}:{lineno}: expected "name n1 n2", "name1 n1 name2 n2" '
-                            f'or "path1 path2 0|1", got {" ".join(tokens)[:80]!r}')
-    if expected is not None and expected != len(pairs):
-        raise UserError(f'{path}: header promises {expected} pairs, found {len(pairs)}')
-    if not pairs:
-        raise UserError(f'{path}: no pairs')
-    return pairs
 
 
 def main(argv=None):
@@ -61,7 +24,8 @@ def main(argv=None):
     parser.add_argument('--images', required=True, help='folder the pair paths are relative to')
     parser.add_argument('--out', required=True, help='output .bin')
     parser.add_argument('--landmarks', default=None, help='5-point landmarks file (paths relative to --images)')
-    parser.add_argument('--image-size', type=int, default=112, choices=[112])
+    parser.add_argument('--image-size', type=crop_size, default=(112, 112), metavar='H[,W]',
+                        help='aligned crop: 112 (112x112) or 112,96 (height,width)')
     args = parser.parse_args(argv)
 
     pairs = parse_pairs(args.pairs)
@@ -78,7 +42,7 @@ def main(argv=None):
         if img is None:
             raise UserError(f'{src}: unreadable image')
         result = align_face(img, landmarks=landmarks.get(relative_key(rel)),
-                            image_size=args.image_size)
+                            image_size=args.image_size[0], width=args.image_size[1])
         statuses[result.status] += 1
         encoded[rel] = cv2.imencode('.jpg', result.image, [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
     bins = [encoded[p] for pair in pairs for p in pair[:2]]

@@ -33,6 +33,19 @@ def template(image_size=112, width=None):
     return ARCFACE_SRC * (image_size / 112.0)
 
 
+def crop_size(text):
+    """(height, width) from a CLI's `--image-size`: '112' (= 112,112) or '112,96', the two crops
+    insightface's face_preprocess accepts (an argparse `type`: a ValueError is a usage error)."""
+    try:
+        size = tuple(int(v) for v in str(text).split(','))
+    except ValueError:
+        size = ()
+    size = size * 2 if len(size) == 1 else size
+    if size not in ((112, 112), (112, 96)):
+        raise ValueError(f'--image-size {text}: use 112 (112x112) or 112,96 (height,width)')
+    return size
+
+
 def estimate_norm(landmarks, image_size=112, width=None):
     """2x3 similarity matrix that maps `landmarks` (5x2) onto the template (skimage's least squares)."""
     lmk = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
@@ -133,26 +146,51 @@ def detect_rotated(detector, img, angle):
     return transform_points(cv2.invertAffineTransform(M), found[0]), found[1]
 
 
-def center_crop(img, image_size=112, margin=FORCED_MARGIN):
-    """The last resort: the central square minus `margin` of its side on each border, resized."""
-    height, width = img.shape[:2]
-    side = min(height, width)
-    cut = int(round(side * margin))
-    top, left = (height - side) // 2 + cut, (width - side) // 2 + cut
-    crop = img[top:top + side - 2 * cut, left:left + side - 2 * cut]
-    return cv2.resize(crop, (image_size, image_size), interpolation=cv2.INTER_AREA)
+def center_crop(img, image_size=112, margin=FORCED_MARGIN, width=None):
+    """The last resort: the largest central box of the crop's shape (a square unless `width`
+    differs), minus `margin` of its size on each border, resized to image_size x width."""
+    width = image_size if width is None else width
+    img_h, img_w = img.shape[:2]
+    scale = min(img_h / image_size, img_w / width)
+    box_h, box_w = int(round(image_size * scale)), int(round(width * scale))
+    cut_h, cut_w = int(round(box_h * margin)), int(round(box_w * margin))
+    top, left = (img_h - box_h) // 2 + cut_h, (img_w - box_w) // 2 + cut_w
+    crop = img[top:top + box_h - 2 * cut_h, left:left + box_w - 2 * cut_w]
+    return cv2.resize(crop, (width, image_size), interpolation=cv2.INTER_AREA)
 
 
-def align_face(img_bgr, detector=None, landmarks=None, image_size=112, fallbacks=True):
-    """Align one BGR image: from given landmarks, else by detection; with `fallbacks`, retry at more
-    scales, then on rotations, then take a centre crop ('forced'). Never raises for a faceless image."""
+# insightface's face_preprocess: a box without landmarks is widened by this many pixels in total.
+BBOX_MARGIN = 44
+
+
+def bbox_crop(img, bbox=None, image_size=112, width=None, margin=BBOX_MARGIN):
+    """insightface's crop for a face without landmarks (`face_preprocess.preprocess`): the box
+    x1 y1 x2 y2, or without one the image minus FORCED_MARGIN of each side, widened by margin/2
+    on every border and clipped to the image, then resized (stretched) to image_size x width."""
+    width = image_size if width is None else width
+    img_h, img_w = img.shape[:2]
+    if bbox is None:
+        cut_w, cut_h = int(img_w * FORCED_MARGIN), int(img_h * FORCED_MARGIN)
+        bbox = (cut_w, cut_h, img_w - cut_w, img_h - cut_h)
+    x1, y1, x2, y2 = (float(v) for v in np.ravel(bbox)[:4])
+    left, top = int(max(x1 - margin / 2, 0)), int(max(y1 - margin / 2, 0))
+    right, bottom = int(min(x2 + margin / 2, img_w)), int(min(y2 + margin / 2, img_h))
+    if right <= left or bottom <= top:
+        raise ValueError(f'bbox {x1:g} {y1:g} {x2:g} {y2:g} is empty inside a {img_w}x{img_h} image')
+    return cv2.resize(img[top:bottom, left:right], (width, image_size))
+
+
+def align_face(img_bgr, detector=None, landmarks=None, image_size=112, fallbacks=True, width=None):
+    """Align one BGR image to an image_size x width crop (112x112, or 112x96 with width=96): from
+    given landmarks, else by detection; with `fallbacks`, retry at more scales, then on rotations,
+    then take a centre crop ('forced'). Never raises for a faceless image."""
     img = np.asarray(img_bgr)
     if img.ndim == 2:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
     if landmarks is not None:
         landmarks = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
         try:
-            return AlignResult(norm_crop(img, landmarks, image_size), 'given', landmarks, None)
+            return AlignResult(norm_crop(img, landmarks, image_size, width), 'given', landmarks, None)
         except ValueError:
             if not fallbacks:
                 return AlignResult(None, 'failed', landmarks, None)
@@ -166,11 +204,11 @@ def align_face(img_bgr, detector=None, landmarks=None, image_size=112, fallbacks
         if found is not None:
             points, score = found
             try:
-                return AlignResult(norm_crop(img, points, image_size), 'detected', points, score)
+                return AlignResult(norm_crop(img, points, image_size, width), 'detected', points, score)
             except ValueError:  # degenerate points: try the next fallback
                 continue
     if fallbacks:
-        return AlignResult(center_crop(img, image_size), 'forced', None, None)
+        return AlignResult(center_crop(img, image_size, width=width), 'forced', None, None)
     return AlignResult(None, 'failed', None, None)
 
 
@@ -265,9 +303,10 @@ def read_report(path):
 _WORKER = {}
 
 
-def _worker_init(input_dir, output_dir, image_size, detector, detector_config):
-    """Per-process state; worker processes build their own detector lazily (landmark runs need none)."""
-    _WORKER.update(input_dir=input_dir, output_dir=output_dir, image_size=image_size,
+def _worker_init(input_dir, output_dir, crop_size, detector, detector_config):
+    """Per-process state (crop_size: (image_size, width)); worker processes build their own
+    detector lazily (landmark runs need none)."""
+    _WORKER.update(input_dir=input_dir, output_dir=output_dir, crop_size=crop_size,
                    detector=detector, detector_config=detector_config)
 
 
@@ -296,8 +335,8 @@ def _align_task(task):
         img = None
     if img is None:
         return ReportRow(rel, 'failed', None, None), f'{src}: unreadable image'
-    result = align_face(img, detector=_LazyDetector(), landmarks=points,
-                        image_size=_WORKER['image_size'])
+    image_size, width = _WORKER['crop_size']
+    result = align_face(img, detector=_LazyDetector(), landmarks=points, image_size=image_size, width=width)
     if result.image is None:
         return ReportRow(rel, 'failed', None, result.landmarks), f'{src}: no face'
     ok, buf = cv2.imencode('.jpg', result.image, [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -309,9 +348,10 @@ def _align_task(task):
 
 
 def align_folder(input_dir, output_dir, image_size=112, landmarks=None, detector=None, num_workers=1,
-                 skip_existing=True, log=None):
-    """Align every image under `input_dir` into `output_dir` (same tree, .jpg) and write
-    `output_dir/align_report.csv`; returns the ReportRows sorted by path.
+                 skip_existing=True, log=None, width=None):
+    """Align every image under `input_dir` into `output_dir` (same tree, .jpg, image_size x width
+    crops: 112x112, or 112x96 with width=96) and write `output_dir/align_report.csv`; returns the
+    ReportRows sorted by path.
 
     `landmarks`: {relative path: 5x2} (or a landmarks file path); listed images are warped from
     their points, the others detected with fallbacks. Resumable: with `skip_existing`, images whose
@@ -322,6 +362,10 @@ def align_folder(input_dir, output_dir, image_size=112, landmarks=None, detector
         raise UserError(f'{input_dir}: not a folder')
     if num_workers < 1:
         raise UserError(f'num_workers must be >= 1, got {num_workers}')
+    try:
+        template(image_size, width)   # an unsupported crop shape fails before any work
+    except ValueError as e:
+        raise UserError(f'{output_dir}: {e}') from None
     if isinstance(landmarks, (str, os.PathLike)):
         landmarks = read_landmarks_file(landmarks)
     landmarks = {relative_key(k): v for k, v in (landmarks or {}).items()}
@@ -343,7 +387,7 @@ def align_folder(input_dir, output_dir, image_size=112, landmarks=None, detector
         else:
             tasks.append((rel, landmarks.get(rel)))
     config = detector.config() if hasattr(detector, 'config') else None
-    init_args = (input_dir, output_dir, image_size, detector, config)
+    init_args = (input_dir, output_dir, (image_size, width), detector, config)
     with open(partial, 'a', newline='', encoding='utf-8') as progress:
         writer = csv.writer(progress)
         if num_workers == 1 or len(tasks) <= 1:

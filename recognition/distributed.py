@@ -2,8 +2,11 @@
 
 Starts one scheduler, S servers and W workers with the DMLC environment ps-lite reads, either all on this
 machine (`local`) or across machines over ssh (`ssh`, hosts from a hostfile). Every output line is prefixed
-with the process's role and index; if any process fails, the others are stopped and the launch fails,
-naming the process. Scheduler and servers run `import mxnet`, which serves the kvstore and returns when the
+with the process's role and launch index (`worker 1`: the second worker started; the kvstore assigns the
+ranks itself, and rank 0 says so in its log); if any process fails, the others are stopped and the launch
+fails, naming the process. Over ssh each host runs the command in the same folder with that folder's
+`.venv` first on PATH, under a remote terminal (`ssh -tt`), so that stopping the local ssh also ends
+the remote process. Scheduler and servers run `import mxnet`, which serves the kvstore and returns when the
 workers finish (that is how MXNet's own tools/launch.py starts them too).
 """
 import os
@@ -121,8 +124,9 @@ def plan(command, num_workers, num_servers, launcher='local', hosts=None, forwar
         env.update(dmlc_env(role, uri, port, num_workers, num_servers, node_host=host, index=index))
         remote = command if role == 'worker' else ['python', '-c', 'import mxnet']
         exports = ' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())
-        script = f'cd {shlex.quote(workdir)} && env {exports} {shlex.join(remote)}'
-        out.append((name, ['ssh', '-o', 'BatchMode=yes', host, script],
+        folder = shlex.quote(workdir)
+        script = f'cd {folder} && PATH={folder}/.venv/bin:"$PATH" env {exports} {shlex.join(remote)}'
+        out.append((name, ['ssh', '-tt', '-o', 'BatchMode=yes', host, script],
                     dict(base)))
     return out
 

@@ -32,12 +32,20 @@ previous() {
 train_step() {
   local name="$1" run="$2" data="$3" from="$4"
   shift 4
+  local pointer="$MODELS_ROOT/$run/latest"
   echo "[$name] read $from; data $data"
-  rm -f "$MODELS_ROOT/$run/latest"   # a failed run must not leave the previous result looking current
-  python -u train/train.py --network "$NETWORK" --loss "$LOSS" --dataset "$DATASET" --data-dir "$data" \
-    --models-root "$MODELS_ROOT" --run-name "$run" --pretrained "$from" --ckpt 2 --val-targets "" \
-    --warmup 0 --lr-steps "" --ctx "$CTX" "$@"
-  echo "[$name] wrote $(cat "$MODELS_ROOT/$run/latest") ($MODELS_ROOT/$run/latest)"
+  # The pointer moves aside while the step runs and comes back if it fails: a failed or refused run
+  # neither loses the previous good result nor leaves it looking like this run's.
+  [ -f "$pointer" ] && mv "$pointer" "$pointer.previous"
+  if ! python -u train/train.py --network "$NETWORK" --loss "$LOSS" --dataset "$DATASET" --data-dir "$data" \
+      --models-root "$MODELS_ROOT" --run-name "$run" --pretrained "$from" --ckpt 2 --val-targets "" \
+      --warmup 0 --lr-steps "" --ctx "$CTX" "$@" || [ ! -f "$pointer" ]; then
+    [ -f "$pointer.previous" ] && mv "$pointer.previous" "$pointer"
+    echo "error: [$name] training failed; $pointer left as it was" >&2
+    exit 2
+  fi
+  rm -f "$pointer.previous"
+  echo "[$name] wrote $(cat "$pointer") ($pointer)"
 }
 
 # evaluate_step NAME MODEL OUT_JSON: AUC and bias on the validation pairs, a row of the chain table, and

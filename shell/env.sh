@@ -13,8 +13,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV" || { echo "error: could not create $VENV" >&2; return 1 2>/dev/null || exit 1; }
 fi
 STAMP="$VENV/.requirements.sha"
-WANT="$(cat "$REQ" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+WANT="$(basename "$REQ") $(cat "$REQ" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+HAVE="$(cat "$STAMP" 2>/dev/null)"
+if [ "$HAVE" != "$WANT" ]; then
+  # mxnet and mxnet-cu112 both own the mxnet/ package: switching flavour must remove the other one.
+  if [ -n "$HAVE" ] && [ "${HAVE%% *}" != "${WANT%% *}" ]; then
+    "$VENV/bin/pip" uninstall -q -y mxnet mxnet-cu112 >/dev/null 2>&1
+  fi
   echo "[env] installing $(basename "$REQ") into $VENV"
   "$VENV/bin/pip" install -q -r "$REQ" && "$VENV/bin/pip" install -q --no-deps -e "$ROOT" \
     && echo "$WANT" > "$STAMP" \

@@ -30,6 +30,8 @@ def parse_args(argv=None):
                    help='model folder name of the hard-sample model for --fusion switch '
                         '(default: the first name containing "hard")')
     p.add_argument('--switch-threshold', type=float, default=0.99)
+    p.add_argument('--switch-max', action='store_true',
+                   help='above the threshold keep max(fused, hard) instead of the hard model\'s score (the seed)')
     p.add_argument('--rerank', action='store_true', help='k-NN re-ranking over the pair list')
     p.add_argument('--rerank-k', type=int, default=20)
     p.add_argument('--gap-cut', action='store_true', help="the seed's per-image gap-cut adjustment")
@@ -71,6 +73,7 @@ def main(argv=None):
     summary = predict(args.template, list_images(image_dir), embedders, args.out,
                       missing_score=args.missing_score, batch_size=args.batch_size, progress=True,
                       fusion=args.fusion, switch_model=switch_model, switch_threshold=args.switch_threshold,
+                      switch_max=args.switch_max,
                       rerank=args.rerank, k=args.rerank_k, gap=args.gap_cut)
     if summary['missing']:
         print(f'warning: {len(summary["missing"])} template ids without an image; '

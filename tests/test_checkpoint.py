@@ -125,11 +125,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_onnx_export_matches_mxnet(tmp_path):
-    from train.export_onnx import export
+    from recognition.export import export_onnx
     net, head = _net()
     prefix = str(tmp_path / 'model')
     checkpoint.save_checkpoint(prefix, 1, net, head)
-    diff = export(prefix, 1, str(tmp_path / 'model.onnx'), batch_size=2)
+    diff = export_onnx(prefix, 1, str(tmp_path / 'model.onnx'), batch_size=2)
     assert diff <= 1e-4 and os.path.getsize(tmp_path / 'model.onnx') > 10000
 
 

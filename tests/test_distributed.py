@@ -103,6 +103,7 @@ def test_plan_environment_and_ssh_commands(tmp_path):
                   workdir='/srv/ff')
     assert all(argv[0] == 'ssh' for _, argv, _ in remote)
     scheduler_cmd = remote[0][1][-1]
+    assert remote[0][1][:2] == ['ssh', '-tt'] and scheduler_cmd.startswith('cd /srv/ff && PATH=/srv/ff/.venv/bin:')
     assert remote[0][1][-2] == 'node-a' and 'DMLC_ROLE=scheduler' in scheduler_cmd
     assert 'DMLC_PS_ROOT_URI=node-a' in remote[3][1][-1] and "--kvstore dist_sync" in remote[3][1][-1]
 
@@ -117,3 +118,28 @@ def test_bad_input(tmp_path):
         plan(['python'], 0, 1)
     with pytest.raises(UserError, match='needs --hostfile'):
         plan(['python'], 1, 1, 'ssh')
+
+
+def test_ssh_launcher_end_to_end_with_a_local_ssh(tmp_path, worker_script, monkeypatch, capfd):
+    """The ssh path for real: a stand-in `ssh` on PATH runs the remote command here (over loopback)."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    fake = bin_dir / 'ssh'
+    fake.write_text('#!/bin/bash\n'
+                    'while [[ "$1" == -* ]]; do if [[ "$1" == -o ]]; then shift 2; else shift; fi; done\n'
+                    'echo "$1" >> "$FAKE_SSH_LOG"; shift\n'
+                    'exec bash -c "$1"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+    monkeypatch.setenv('FAKE_SSH_LOG', str(tmp_path / 'hosts_used'))
+    hostfile = tmp_path / 'hosts'
+    hostfile.write_text('127.0.0.1\n')
+    port = free_port()
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
+    assert launch([sys.executable, str(worker_script), str(out_dir)], 2, 1, launcher='ssh', hostfile=str(hostfile),
+                  port=port, timeout=120) == 0
+    assert sorted(p.read_text() for p in out_dir.glob('rank*')) == ['2 -9.0 -9.0 -9.0 -9.0'] * 2
+    assert (tmp_path / 'hosts_used').read_text().split() == ['127.0.0.1'] * 4
+    assert '[worker 1] worker done' in capfd.readouterr().out
+    assert _job_processes(port) == [] and _port_free(port)

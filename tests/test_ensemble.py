@@ -59,10 +59,12 @@ def test_gap_cut_no_gap_is_identity():
     np.testing.assert_allclose(gap_cut(i1, i2, s, 3), s)
 
 
-def test_switch_takes_max_where_hard_model_is_sure():
-    base = np.array([0.5, 0.995, 0.2])
-    hard = np.array([0.995, 0.98, 0.999])
-    np.testing.assert_allclose(switch_fusion(base, hard), [0.995, 0.995, 0.999])
+def test_switch_uses_the_hard_model_where_it_is_sure():
+    base = np.array([0.5, 0.995, 0.2, 0.9995])
+    hard = np.array([0.995, 0.98, 0.999, 0.992])
+    # The seed's result_fusion: the hard model's score above 0.99, else the other.
+    np.testing.assert_allclose(switch_fusion(base, hard), [0.995, 0.995, 0.999, 0.992])
+    np.testing.assert_allclose(switch_fusion(base, hard, keep_max=True), [0.995, 0.995, 0.999, 0.9995])
 
 
 def unit(rng, n, d):
@@ -87,7 +89,7 @@ def test_mean_and_concat_fusion_and_sizes():
     hard = fa.copy()
     hard[3] = hard[0]  # pair (0, 3) is certain for the hard model
     sw = ensemble_scores([hard, fb], ['hard', 'b'], i1, i2, fusion='switch', switch_model='hard')
-    np.testing.assert_allclose(sw, [max(cos(fb)[0], 1.0), cos(fb)[1], cos(fb)[2]])
+    np.testing.assert_allclose(sw, [1.0, cos(fb)[1], cos(fb)[2]])
     with pytest.raises(UserError, match='switch-model'):
         ensemble_scores([fa, fb], ['a', 'b'], i1, i2, fusion='switch', switch_model='x')
 

@@ -13,8 +13,9 @@ result_fusion.py), with the seed's quirks fixed:
   `min_gap`; each endpoint adds `step*gap` to a pair above its cut and subtracts it below. Fixed: the seed
   compared against the score below the gap plus 1e-3 (a guard for its 4-decimal files); the midpoint of
   the gap is exact and gives the same split.
-- switch fusion: where the hard-sample model is sure (> 0.99) its score is used. Fixed: the seed replaced
-  the post-processed score, which could *lower* a pair that re-ranking had put higher; we take the max.
+- switch fusion: where the hard-sample model is sure (> 0.99) its score is used, as the seed did. Replacing
+  the post-processed score can *lower* a pair that re-ranking had put higher; `switch_max` takes the max
+  of the two there instead.
 """
 import numpy as np
 from scipy import sparse
@@ -192,13 +193,14 @@ def gap_cut(i1, i2, scores, n_images, min_gap=0.1, step=0.1):
     return scores + step * adjust
 
 
-def switch_fusion(base, hard, threshold=0.99):
-    """Where the hard-sample model scores above `threshold`, the pair gets max(base, hard)."""
-    return np.where(hard > threshold, np.maximum(base, hard), base)
+def switch_fusion(base, hard, threshold=0.99, keep_max=False):
+    """Where the hard-sample model scores above `threshold` the pair gets its score (the seed's
+    result_fusion), or max(base, hard) with `keep_max`; elsewhere the base score."""
+    return np.where(hard > threshold, np.maximum(base, hard) if keep_max else hard, base)
 
 
 def ensemble_scores(features, names, i1, i2, fusion='mean', switch_model=None, switch_threshold=0.99,
-                    rerank=False, k=20, gap=False, min_gap=0.1, step=0.1):
+                    switch_max=False, rerank=False, k=20, gap=False, min_gap=0.1, step=0.1):
     """Final pair scores from per-model features (rows indexed by i1/i2, all valid).
 
     Order: fuse the models (mean of cosines, or cosine of concatenated features) -> k-NN re-ranking ->
@@ -227,7 +229,7 @@ def ensemble_scores(features, names, i1, i2, fusion='mean', switch_model=None, s
     if gap:
         scores = gap_cut(i1, i2, scores, n_images, min_gap=min_gap, step=step)
     if hard is not None:
-        scores = switch_fusion(scores, hard, switch_threshold)
+        scores = switch_fusion(scores, hard, switch_threshold, keep_max=switch_max)
     return scores
 
 
