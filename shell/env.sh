@@ -14,7 +14,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 STAMP="$VENV/.requirements.sha"
 WANT="$(basename "$REQ") $(cat "$REQ" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
-HAVE="$(cat "$STAMP" 2>/dev/null)"
+HAVE="$(cat "$STAMP" 2>/dev/null || true)"
 if [ "$HAVE" != "$WANT" ]; then
   # mxnet and mxnet-cu112 both own the mxnet/ package: switching flavour must remove the other one.
   if [ -n "$HAVE" ] && [ "${HAVE%% *}" != "${WANT%% *}" ]; then
