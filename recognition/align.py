@@ -3,6 +3,7 @@
 Landmark order everywhere: left eye, right eye, nose tip, left mouth corner, right mouth corner,
 in image pixel coordinates (x, y).
 """
+import argparse
 import csv
 import functools
 import multiprocessing
@@ -14,6 +15,7 @@ import cv2
 import numpy as np
 from skimage.transform import SimilarityTransform
 
+from .data.lst import list_images
 from .utils import UserError, atomic_open
 
 # insightface's 96x112 template (width 96, height 112).
@@ -35,14 +37,14 @@ def template(image_size=112, width=None):
 
 def crop_size(text):
     """(height, width) from a CLI's `--image-size`: '112' (= 112,112) or '112,96', the two crops
-    insightface's face_preprocess accepts (an argparse `type`: a ValueError is a usage error)."""
+    insightface's face_preprocess accepts (an argparse `type`, so a bad value is a usage error)."""
     try:
         size = tuple(int(v) for v in str(text).split(','))
     except ValueError:
         size = ()
     size = size * 2 if len(size) == 1 else size
     if size not in ((112, 112), (112, 96)):
-        raise ValueError(f'--image-size {text}: use 112 (112x112) or 112,96 (height,width)')
+        raise argparse.ArgumentTypeError(f'{text}: use 112 (112x112) or 112,96 (height,width)')
     return size
 
 
@@ -85,7 +87,6 @@ RETRY_MAX_SIDES = (160, 320, 480, 800, 960)
 RETRY_ANGLES = (-15, 15, -30, 30, -45, 45)
 # insightface's no-landmark crop: a centre crop with 1/16 of the side cut on each border.
 FORCED_MARGIN = 0.0625
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 REPORT_NAME = 'align_report.csv'
 REPORT_HEADER = ['path', 'status', 'score'] + [f'{c}{i}' for i in range(1, 6) for c in 'xy']
 
@@ -244,19 +245,6 @@ def read_landmarks_file(path):
             raise UserError(f'{path}:{lineno}: {key} listed twice')
         points[key] = values.reshape(5, 2)
     return points
-
-
-def list_images(input_dir, exclude=None):
-    """Relative paths ('/' separated, sorted) of the images under `input_dir`, skipping `exclude`."""
-    root = os.path.abspath(input_dir)
-    exclude = os.path.abspath(exclude) if exclude else None
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) != exclude)
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(relative_key(os.path.relpath(os.path.join(folder, name), root)))
-    return sorted(found)
 
 
 def output_name(rel_path):

@@ -202,14 +202,20 @@ def resume_file(prefix):
 
 
 def save_resume(prefix, params, trainer, state):
-    """Snapshot parameters (name -> Parameter), optimizer state and `state` (json-able) for `--resume`."""
+    """Snapshot parameters (name -> Parameter), optimizer state and `state` (json-able) for `--resume`.
+
+    `trainer=None` snapshots no optimizer state (distributed runs: it lives on the servers, which cannot
+    save it); resuming then restarts the momentum.
+    """
     step = int(state['step'])
     base = '%s-resume-%08d' % (prefix, step)
     with atomic_path(base + '.params') as tmp:
         mx.nd.save(tmp, {name: _first_array(p) for name, p in params.items()})
-    with atomic_path(base + '.states') as tmp:
-        trainer.save_states(tmp)
-    record = dict(state, params=os.path.basename(base + '.params'), states=os.path.basename(base + '.states'))
+    if trainer is not None:
+        with atomic_path(base + '.states') as tmp:
+            trainer.save_states(tmp)
+    record = dict(state, params=os.path.basename(base + '.params'),
+                  states=os.path.basename(base + '.states') if trainer is not None else None)
     write_json(resume_file(prefix), record)
     keep = {base + '.params', base + '.states'}
     for old in glob.glob(glob.escape(prefix) + '-resume-*.*'):
@@ -228,7 +234,7 @@ def load_resume(prefix, params, trainer):
             state = json.load(f)
         folder = os.path.dirname(os.path.abspath(path))
         arrays = mx.nd.load(os.path.join(folder, state['params']))
-        states = os.path.join(folder, state['states'])
+        states = os.path.join(folder, state['states']) if state['states'] else None
     except (OSError, ValueError, KeyError, mx.base.MXNetError) as e:
         raise UserError(f'{path}: unreadable resume state ({e})') from None
     missing = [n for n in params if n not in arrays]
@@ -240,7 +246,10 @@ def load_resume(prefix, params, trainer):
                             f'this run needs {tuple(param.shape)}')
     for name, param in params.items():
         param.set_data(arrays[name])
+    if states is None:
+        return state
     if not os.path.isfile(states):
         raise UserError(f'{states}: optimizer state named by {path} is missing')
-    trainer.load_states(states)
+    if trainer is not None:
+        trainer.load_states(states)
     return state

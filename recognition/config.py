@@ -143,6 +143,8 @@ loss.arcface.loss_s = 64.0
 loss.arcface.loss_m1 = 1.0
 loss.arcface.loss_m2 = 0.5
 loss.arcface.loss_m3 = 0.0
+# insightface's --easy-margin (off): only ArcFace has it, so only its preset carries the key.
+loss.arcface.easy_margin = False
 
 loss.cosface = edict()
 loss.cosface.loss_name = 'margin_softmax'

@@ -200,7 +200,7 @@ def evaluate_checkpoint(model, val_dir, out_dir, aligned_dir=None, ctx=None, bat
     from .align import align_folder
     from .checkpoint import parse_pretrained
     from .evaluation.ensemble import predict
-    from .inference import list_images, load_embedder
+    from .inference import load_embedder, template_images
     files = val_files(val_dir)
     prefix, epoch = parse_pretrained(model)
     embedder = load_embedder(prefix, epoch, ctx=ctx, batch_size=batch_size)
@@ -208,7 +208,7 @@ def evaluate_checkpoint(model, val_dir, out_dir, aligned_dir=None, ctx=None, bat
     aligned_dir = aligned_dir or os.path.join(out_dir, 'aligned')
     align_folder(files['images'], aligned_dir, image_size=112, landmarks=files['landmarks'], skip_existing=True)
     predictions = os.path.join(out_dir, 'predictions.csv')
-    predict(files['template'], list_images(aligned_dir), [embedder], predictions, batch_size=batch_size)
+    predict(files['template'], template_images(aligned_dir), [embedder], predictions, batch_size=batch_size)
     result = evaluate_predictions(predictions, files['ground_truth'], files['metadata'])
     write_json(os.path.join(out_dir, 'eval.json'), result)
     return result

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 from sklearn.preprocessing import normalize
 
+from recognition.data.lst import list_images
 from recognition.utils import UserError
 
 INPUT_SCALES = ('raw', 'normalized', 'unit')
@@ -192,12 +193,28 @@ def read_model_json(path):
     return meta
 
 
+def model_dir_spec(path):
+    """`load_embedder`'s model arguments (prefix, epoch, layer, bgr, input_scale, name) of a model folder."""
+    meta = read_model_json(path)
+    return dict(prefix=os.path.join(path, meta['prefix']), epoch=meta['epoch'], layer=meta['layer'],
+                bgr=meta['color'] == 'bgr', input_scale=meta['input_scale'],
+                name=os.path.basename(os.path.normpath(path)))
+
+
+def model_spec(ref):
+    """`load_embedder`'s model arguments for a model folder or one `prefix,epoch` (fc1_output, RGB, raw)."""
+    if os.path.isdir(ref):
+        return model_dir_spec(ref)
+    prefix, epochs = parse_model_ref(ref)
+    if len(epochs) != 1:
+        raise UserError(f'--model {ref!r}: give one epoch')
+    return dict(prefix=prefix, epoch=epochs[0], layer='fc1_output', bgr=False, input_scale='raw',
+                name=f'{os.path.basename(prefix)},{epochs[0]}')
+
+
 def load_model_dir(path, ctx=None, batch_size=64):
     """The `Embedder` of a model folder (`model-symbol.json`, `model-NNNN.params`, `model.json`)."""
-    meta = read_model_json(path)
-    return load_embedder(os.path.join(path, meta['prefix']), meta['epoch'], layer=meta['layer'], ctx=ctx,
-                         bgr=meta['color'] == 'bgr', input_scale=meta['input_scale'], batch_size=batch_size,
-                         name=os.path.basename(os.path.normpath(path)))
+    return load_embedder(**model_dir_spec(path), ctx=ctx, batch_size=batch_size)
 
 
 def find_model_dirs(spec):
@@ -261,18 +278,11 @@ def _prefetch(pool, fn, items, depth):
         yield pending.popleft().result()
 
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
-
-
-def list_images(folder):
+def template_images(folder):
     """{file stem: path} of the images directly inside `folder` (template ids are file stems)."""
-    if not os.path.isdir(folder):
-        raise UserError(f'{folder}: image folder not found')
     images = {}
-    for name in sorted(os.listdir(folder)):
-        stem, ext = os.path.splitext(name)
-        if ext.lower() not in IMAGE_EXTENSIONS:
-            continue
+    for name in list_images(folder, recursive=False):
+        stem = os.path.splitext(name)[0]
         if stem in images:
             raise UserError(f'{folder}: two images named {stem} ({os.path.basename(images[stem])}, {name})')
         images[stem] = os.path.join(folder, name)

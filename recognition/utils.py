@@ -74,6 +74,15 @@ def run_cli(main):
     sys.exit(code or 0)
 
 
+def add_device_args(parser, batch_size=64):
+    """`--batch-size`, `--gpus` and `--ctx` (read with `parse_contexts(args.gpus, args.ctx)`), the same in
+    every tool that runs a model."""
+    parser.add_argument('--batch-size', type=int, default=batch_size, help='images per forward pass')
+    parser.add_argument('--gpus', default='', help='GPU ids, e.g. 0,1 (default: CUDA_VISIBLE_DEVICES, else CPU)')
+    parser.add_argument('--ctx', default='', help='cpu:N or gpu:N contexts instead of --gpus, e.g. cpu:2')
+    return parser
+
+
 def parse_contexts(gpus='', ctx=''):
     """Contexts from `--gpus 0,1` (or CUDA_VISIBLE_DEVICES) or `--ctx cpu:N`; one CPU by default.
 

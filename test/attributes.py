@@ -12,8 +12,8 @@ import argparse
 import os
 
 from recognition.evaluation.attributes import attribute_heads, evaluate_attributes, read_metadata
-from recognition.inference import list_images, load_embedder, parse_model_ref, read_model_json
-from recognition.utils import UserError, parse_contexts, run_cli
+from recognition.inference import load_embedder, model_spec, template_images
+from recognition.utils import UserError, add_device_args, parse_contexts, run_cli
 
 
 def parse_args(argv=None):
@@ -27,29 +27,16 @@ def parse_args(argv=None):
     p.add_argument('--already-aligned', action='store_true', help='--images holds aligned 112x112 crops')
     p.add_argument('--aligned-dir', default='', help='where aligned crops go (default: <out>/aligned)')
     p.add_argument('--no-flip', action='store_true', help='no mirrored-crop averaging')
-    p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--image-size', type=int, default=112, help='network input size (crops are resized to it)')
     p.add_argument('--workers', type=int, default=1, help='alignment worker processes')
-    p.add_argument('--gpus', default='')
-    p.add_argument('--ctx', default='')
+    add_device_args(p)
     return p.parse_args(argv)
-
-
-def model_reference(ref):
-    """(prefix, epoch, bgr, input_scale, name) of `prefix,epoch` or a model folder."""
-    if os.path.isdir(ref):
-        meta = read_model_json(ref)
-        return (os.path.join(ref, meta['prefix']), meta['epoch'], meta['color'] == 'bgr', meta['input_scale'],
-                os.path.basename(os.path.normpath(ref)))
-    prefix, epochs = parse_model_ref(ref)
-    if len(epochs) != 1:
-        raise UserError(f'--model {ref!r}: give one epoch')
-    return prefix, epochs[0], False, 'raw', f'{os.path.basename(prefix)},{epochs[0]}'
 
 
 def main(argv=None):
     args = parse_args(argv)
-    prefix, epoch, bgr, input_scale, name = model_reference(args.model)
+    spec = model_spec(args.model)
+    prefix = spec['prefix']
     heads = attribute_heads(prefix)
     if args.attributes:
         wanted = [a.strip() for a in args.attributes.split(',') if a.strip()]
@@ -64,14 +51,13 @@ def main(argv=None):
         image_dir = args.aligned_dir or os.path.join(args.out, 'aligned')
         align_folder(args.images, image_dir, image_size=args.image_size, landmarks=args.landmarks or None,
                      num_workers=args.workers, skip_existing=True)
-    images = list_images(image_dir)
+    images = template_images(image_dir)
     missing = [t for t in ids if t not in images]
     if missing:
         raise UserError(f'{args.metadata}: {len(missing)} TEMPLATE_IDs without an image in {image_dir}: '
                         f'{", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}')
-    embedder = load_embedder(prefix, epoch, layer=[layer for layer, _ in heads.values()],
-                             ctx=parse_contexts(args.gpus, args.ctx), bgr=bgr, input_scale=input_scale,
-                             batch_size=args.batch_size, name=name)
+    embedder = load_embedder(**{**spec, 'layer': [layer for layer, _ in heads.values()]},
+                             ctx=parse_contexts(args.gpus, args.ctx), batch_size=args.batch_size)
     summary = evaluate_attributes(embedder, heads, ids, [images[t] for t in ids], codes, args.out,
                                   batch_size=args.batch_size, flip=not args.no_flip, metadata=args.metadata,
                                   image_size=args.image_size, progress=True)

@@ -9,9 +9,10 @@ import os
 
 import numpy as np
 
-from recognition.inference import (IMAGE_EXTENSIONS, INPUT_SCALES, extract_features, find_model_dirs,
-                                   load_embedder, load_model_dir, parse_model_ref)
-from recognition.utils import UserError, atomic_open, atomic_path, parse_contexts, run_cli
+from recognition.data.lst import list_images
+from recognition.inference import (INPUT_SCALES, extract_features, find_model_dirs, load_embedder, load_model_dir,
+                                   parse_model_ref)
+from recognition.utils import UserError, add_device_args, atomic_open, atomic_path, parse_contexts, run_cli
 
 
 def image_paths(args):
@@ -24,13 +25,7 @@ def image_paths(args):
         except OSError as e:
             raise UserError(f'{args.list}: cannot read ({e.strerror})') from None
         return [n if os.path.isabs(n) else os.path.join(base, n) for n in names]
-    if not os.path.isdir(args.images):
-        raise UserError(f'{args.images}: image folder not found')
-    found = []
-    for root, dirs, files in os.walk(args.images):
-        dirs.sort()
-        found += [os.path.join(root, f) for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-    return found
+    return [os.path.join(args.images, rel) for rel in list_images(args.images)]
 
 
 def parse_args(argv=None):
@@ -45,10 +40,8 @@ def parse_args(argv=None):
     p.add_argument('--input-scale', default='raw', choices=INPUT_SCALES)
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--image-size', type=int, default=112)
-    p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--no-flip', action='store_true')
-    p.add_argument('--gpus', default='')
-    p.add_argument('--ctx', default='')
+    add_device_args(p)
     return p.parse_args(argv)
 
 

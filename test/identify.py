@@ -2,31 +2,24 @@
 
 Folders hold one sub-folder per identity:
     python test/identify.py --gallery gallery/ --probes probes/ --models final_eval_models --out identify.csv
+
+With several models, --fusion mean (default) averages their cosines, so embedding sizes may differ;
+--fusion concat joins their features into one embedding (one size only).
 """
 import argparse
 import os
 
-from recognition.evaluation.ensemble import concat_features
-from recognition.evaluation.identification import identify
-from recognition.inference import extract_features, find_model_dirs, load_model_dir, IMAGE_EXTENSIONS
-from recognition.utils import UserError, atomic_open, parse_contexts, run_cli
+from recognition.data.lst import dir_to_lst
+from recognition.evaluation.identification import FUSIONS, identify
+from recognition.inference import extract_features, find_model_dirs, load_model_dir
+from recognition.utils import add_device_args, atomic_open, parse_contexts, run_cli
 
 
 def labelled_images(folder):
-    """(paths, labels) of folder/<identity>/<image>."""
-    if not os.path.isdir(folder):
-        raise UserError(f'{folder}: folder not found')
-    paths, labels = [], []
-    for ident in sorted(os.listdir(folder)):
-        sub = os.path.join(folder, ident)
-        if os.path.isdir(sub):
-            for name in sorted(os.listdir(sub)):
-                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                    paths.append(os.path.join(sub, name))
-                    labels.append(ident)
-    if not paths:
-        raise UserError(f'{folder}: no images in identity sub-folders')
-    return paths, labels
+    """(paths, labels) of folder/<identity>/<image>; the label is the identity folder's name, so gallery
+    and probe folders match by name."""
+    paths = [item.path for item in dir_to_lst(folder)]
+    return paths, [os.path.basename(os.path.dirname(p)) for p in paths]
 
 
 def parse_args(argv=None):
@@ -34,13 +27,13 @@ def parse_args(argv=None):
     p.add_argument('--gallery', required=True)
     p.add_argument('--probes', required=True)
     p.add_argument('--models', default='final_eval_models', help='model folder(s), as for test/predict.py')
+    p.add_argument('--fusion', default='mean', choices=FUSIONS,
+                   help='mean: average of the per-model cosines; concat: one joined embedding (one size only)')
     p.add_argument('--out', default='', help='per-probe listing CSV')
     p.add_argument('--top', type=int, default=5)
     p.add_argument('--no-mean', action='store_true', help='do not subtract the gallery mean embedding')
     p.add_argument('--no-flip', action='store_true')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--gpus', default='')
-    p.add_argument('--ctx', default='')
+    add_device_args(p)
     return p.parse_args(argv)
 
 
@@ -48,12 +41,11 @@ def main(argv=None):
     args = parse_args(argv)
     ctx = parse_contexts(args.gpus, args.ctx)
     embedders = [load_model_dir(d, ctx=ctx, batch_size=args.batch_size) for d in find_model_dirs(args.models)]
-    names = [e.name for e in embedders]
     g_paths, g_labels = labelled_images(args.gallery)
     p_paths, p_labels = labelled_images(args.probes)
-    embed = lambda paths: concat_features(extract_features(embedders, paths, args.batch_size,
-                                                           flip=not args.no_flip, progress=True), names)
-    r = identify(embed(g_paths), g_labels, embed(p_paths), p_labels, k=args.top, subtract_mean=not args.no_mean)
+    embed = lambda paths: extract_features(embedders, paths, args.batch_size, flip=not args.no_flip, progress=True)
+    r = identify(embed(g_paths), g_labels, embed(p_paths), p_labels, k=args.top, subtract_mean=not args.no_mean,
+                 fusion=args.fusion, names=[e.name for e in embedders])
     if args.out:
         with atomic_open(args.out) as f:
             f.write('probe,label,' + ','.join(f'top{i + 1},dist{i + 1}' for i in range(r['k'])) + '\n')

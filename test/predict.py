@@ -10,7 +10,7 @@ import os
 import sys
 
 from recognition.evaluation.ensemble import FUSIONS, predict
-from recognition.inference import find_model_dirs, list_images, load_model_dir
+from recognition.inference import find_model_dirs, load_model_dir, template_images
 from recognition.utils import UserError, parse_contexts, run_cli
 
 
@@ -70,7 +70,7 @@ def main(argv=None):
             raise UserError(f'--fusion switch: no model name contains "hard" in {names}; pass --switch-model')
     image_dir = args.images if args.already_aligned else align(args)
     print(f'models: {", ".join(names)}; images: {image_dir}', flush=True)
-    summary = predict(args.template, list_images(image_dir), embedders, args.out,
+    summary = predict(args.template, template_images(image_dir), embedders, args.out,
                       missing_score=args.missing_score, batch_size=args.batch_size, progress=True,
                       fusion=args.fusion, switch_model=switch_model, switch_threshold=args.switch_threshold,
                       switch_max=args.switch_max,

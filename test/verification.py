@@ -7,7 +7,7 @@ import os
 
 from recognition.evaluation.verification import format_result, test_bin
 from recognition.inference import INPUT_SCALES, load_embedder, parse_model_ref
-from recognition.utils import UserError, parse_contexts, run_cli
+from recognition.utils import UserError, add_device_args, parse_contexts, run_cli
 
 
 def parse_args(argv=None):
@@ -15,15 +15,13 @@ def parse_args(argv=None):
     p.add_argument('--data-dir', required=True, help='folder holding <target>.bin')
     p.add_argument('--model', required=True, help='prefix,epoch[|epoch2...]')
     p.add_argument('--target', default='lfw,cfp_fp,agedb_30', help='comma-separated .bin names')
-    p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--nfolds', type=int, default=10)
     p.add_argument('--image-size', default='112,112', help='height,width of the network input')
     p.add_argument('--layer', default='fc1_output', help='embedding layer of the symbol')
     p.add_argument('--bgr', action='store_true', help='the model was trained on BGR input')
     p.add_argument('--input-scale', default='raw', choices=INPUT_SCALES,
                    help="raw: 0..255 (normalised in the graph); normalized: (x-127.5)/128; unit: x/255")
-    p.add_argument('--gpus', default='', help='e.g. 0,1')
-    p.add_argument('--ctx', default='', help='e.g. cpu:2')
+    add_device_args(p, batch_size=32)
     return p.parse_args(argv)
 
 

@@ -101,6 +101,63 @@ def test_blank_image_is_forced_center_crop(detector):
     assert failed.status == 'failed' and failed.image is None
 
 
+def dots_photo(points, shape=(260, 240, 3)):
+    img = np.zeros(shape, np.uint8)
+    for x, y in points:
+        cv2.circle(img, (int(round(x)), int(round(y))), 3, (255, 255, 255), -1)
+    return img
+
+
+def test_112x96_crops_land_on_the_96_wide_template(tmp_path, env):
+    """align_face, align_dataset_mtcnn.py and make_bin.py with --image-size 112,96: the given
+    landmarks end on insightface's 96-wide template, not the 112x112 one."""
+    points = template(112) * 1.5 + np.array([30.0, 40.0])
+    photo = dots_photo(points)
+    crop = align_face(photo, landmarks=points, width=96).image
+    assert crop.shape == (112, 96, 3)
+    for x, y in template(112, 96):
+        assert crop[int(round(y)), int(round(x))].min() > 200
+    assert crop[int(round(template(112)[0, 1])), int(round(template(112)[0, 0]))].max() < 50   # 8 px left
+
+    (tmp_path / 'in' / 'A').mkdir(parents=True)
+    for name in ('A_0001.jpg', 'A_0002.jpg'):
+        cv2.imwrite(str(tmp_path / 'in' / 'A' / name), photo)
+    lmk = tmp_path / 'lmk.txt'
+    lmk.write_text(''.join(f'A/{name} ' + ' '.join(f'{v:.2f}' for v in points.ravel()) + '\n'
+                           for name in ('A_0001.jpg', 'A_0002.jpg')))
+    done = run(env, 'align_dataset_mtcnn.py', tmp_path / 'in', tmp_path / 'out', '--image-size', '112,96',
+               '--landmarks', lmk)
+    assert done.returncode == 0, done.stderr
+    pairs = tmp_path / 'pairs.txt'
+    pairs.write_text('A/A_0001.jpg A/A_0002.jpg 1\n')
+    done = run(env, 'make_bin.py', '--pairs', pairs, '--images', tmp_path / 'in', '--out', tmp_path / 'a.bin',
+               '--landmarks', lmk, '--image-size', '112,96')
+    assert done.returncode == 0, done.stderr
+    faces = [cv2.imread(str(tmp_path / 'out' / 'A' / 'A_0001.jpg'))]
+    faces += [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) for b in read_bin(tmp_path / 'a.bin')[0]]
+    for face in faces:
+        assert face.shape == (112, 96, 3)
+        for x, y in template(112, 96):
+            assert face[int(round(y)), int(round(x))].min() > 150
+
+    bad = run(env, 'make_bin.py', '--pairs', pairs, '--images', tmp_path / 'in', '--out', tmp_path / 'b.bin',
+              '--image-size', '112,80')
+    assert bad.returncode == 2 and 'use 112 (112x112) or 112,96' in bad.stderr
+    assert not (tmp_path / 'b.bin').exists()
+
+
+def test_forced_crop_keeps_the_crop_shape():
+    """The centre crop of a 112x96 request is the central 112:96 box, not a stretched square."""
+    img = np.zeros((200, 300, 3), np.uint8)
+    img[:, 150 - 43:150 + 43] = 255      # a bright band 86 px wide around the centre
+    crop = align.center_crop(img, 112, width=96)
+    assert crop.shape == (112, 96, 3)
+    # box 200 x 171 px minus 12 and 11 px per side (6.25%): columns 75..223; the band is its middle 86 px
+    assert crop[:, 48].min() > 200 and crop[:, 2].max() < 50 and crop[:, 93].max() < 50
+    square = align.center_crop(img, 112)
+    np.testing.assert_array_equal(square, align.center_crop(img, 112, width=112))
+
+
 def test_read_landmarks_file(tmp_path):
     path = tmp_path / 'landmarks.txt'
     path.write_text('# comment\n./a/x y.jpg 1 2 3 4 5 6 7 8 9 10\n\nb.png 0 0 1 1 2 2 3 3 4 4\n')

@@ -1,8 +1,16 @@
 """insightface's preset system: override order, defaults, property-file class counts."""
+import os
+import runpy
+
 import pytest
 
 from recognition.config import default, generate_config, network
+from recognition.data.transforms import train_transform
+from recognition.losses import build_head
+from recognition.training.loop import head_kwargs
 from recognition.utils import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_insightface_defaults():
@@ -39,3 +47,34 @@ def test_class_count_from_property(tmp_path, monkeypatch):
 def test_unknown_preset():
     with pytest.raises(UserError, match="unknown network 'r1000'"):
         generate_config('r1000', 'emore', 'arcface')
+
+
+def train_parse_args(argv):
+    """train/train.py's parse_args (a script, not a module of the package)."""
+    return runpy.run_path(os.path.join(ROOT, 'train', 'train.py'), run_name='train_cli')['parse_args'](argv)
+
+
+def test_train_flags_reach_opts_and_the_head(tmp_path):
+    data = ['--data-dir', str(tmp_path)]   # no property file: preset class counts, nothing read
+    opts = train_parse_args(['--network', 'r18', '--loss', 'arcface'] + data)
+    # insightface defaults: margin everywhere, no colour/cutoff/compress, every identity kept
+    assert opts.easy_margin is False and build_head('arcface', 10, 8, **head_kwargs(opts)).easy_margin is False
+    assert (opts.data_color, opts.data_cutoff, opts.data_compress, opts.data_images_filter) == (0, False, False, 0)
+
+    opts = train_parse_args(['--network', 'r18', '--loss', 'arcface', '--easy-margin', '--data-color', '1',
+                             '--data-cutoff', '--images-filter', '5'] + data)
+    assert opts.easy_margin is True and build_head('arcface', 10, 8, **head_kwargs(opts)).easy_margin is True
+    assert (opts.data_color, opts.data_cutoff, opts.data_compress, opts.data_images_filter) == (True, True, False, 5)
+    transform = train_transform(mirror=opts.data_rand_mirror, color=opts.data_color, cutoff=opts.data_cutoff,
+                                compress=opts.data_compress)
+    assert transform.color == 0.125 and transform.cutoff > 0 and not transform.compress
+
+    opts = train_parse_args(['--data-color', '2', '--data-cutoff', '24'] + data)   # level 2 adds compression
+    assert (opts.data_color, opts.data_cutoff, opts.data_compress) == (True, 24, True)
+    assert train_parse_args(['--data-compress'] + data).data_compress is True
+    assert 'easy_margin' not in head_kwargs(train_parse_args(['--loss', 'cosface'] + data))
+
+    for argv in (['--loss', 'cosface', '--easy-margin'], ['--images-filter', '-1']):
+        with pytest.raises(SystemExit) as exit_info:
+            train_parse_args(argv + data)
+        assert exit_info.value.code == 2

@@ -5,8 +5,8 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.inference import (extract_features, find_model_dirs, load_embedder, load_model_dir,
-                                   parse_model_ref)
+from recognition.inference import (extract_features, find_model_dirs, load_embedder, load_model_dir, model_spec,
+                                   parse_model_ref, template_images)
 from recognition.utils import UserError
 
 
@@ -114,3 +114,21 @@ def test_model_dir_and_errors(ckpt, tmp_path):
     assert parse_model_ref('a/b,model,1|2') == ('a/b,model', [1, 2])
     with pytest.raises(UserError, match='cannot read image'):
         extract_features([emb], [str(tmp_path / 'missing.jpg')])
+
+
+def test_model_spec_and_template_images(tmp_path):
+    folder = tmp_path / 'tiny'
+    folder.mkdir()
+    (folder / 'model.json').write_text(json.dumps({'prefix': 'm', 'epoch': 2, 'color': 'bgr'}))
+    assert model_spec(str(folder)) == dict(prefix=str(folder / 'm'), epoch=2, layer='fc1_output', bgr=True,
+                                           input_scale='raw', name='tiny')
+    assert model_spec('a/b,4')['name'] == 'b,4'
+    with pytest.raises(UserError, match='give one epoch'):
+        model_spec('a/b,1|2')
+    for name in ['10.tif', '11.webp', '12.jpg', 'notes.txt']:
+        (tmp_path / name).write_bytes(b'x')
+    assert template_images(str(tmp_path)) == {t: str(tmp_path / n) for t, n in
+                                              [('10', '10.tif'), ('11', '11.webp'), ('12', '12.jpg')]}
+    (tmp_path / '12.png').write_bytes(b'x')
+    with pytest.raises(UserError, match='two images named 12'):
+        template_images(str(tmp_path))

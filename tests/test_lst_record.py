@@ -5,7 +5,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.data.lst import LstItem, dir_to_lst, read_lst, write_lst
+from recognition.data.lst import LstItem, dir_to_lst, list_images, read_lst, write_lst
 from recognition.data.record import (IdentityRecordWriter, RecordFile, read_attributes, read_layout,
                                      read_property)
 from recognition.utils import UserError
@@ -44,6 +44,19 @@ def test_dir_to_lst_labels_sorted_folders(tmp_path):
     items = dir_to_lst(tmp_path, root=tmp_path)
     assert [(i.path, i.label) for i in items] == [(os.path.join('amy', '2.png'), 0), (os.path.join('zed', '1.jpg'), 1)]
 
+
+
+def test_one_image_lister_for_every_tool(tmp_path):
+    """Alignment, extraction and prediction share the lister: every case and type OpenCV reads
+    (.tif, .webp too), sorted '/' paths, an excluded output folder, or only the top level."""
+    for rel in ['b.TIF', 'a.webp', 'sub/deep/c.jpg', 'sub/notes.txt', 'out/d.png']:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b'x')
+    assert list_images(tmp_path) == ['a.webp', 'b.TIF', 'out/d.png', 'sub/deep/c.jpg']
+    assert list_images(tmp_path, exclude=tmp_path / 'out') == ['a.webp', 'b.TIF', 'sub/deep/c.jpg']
+    assert list_images(tmp_path, recursive=False) == ['a.webp', 'b.TIF']
+    with pytest.raises(UserError, match='nothing: image folder not found'):
+        list_images(tmp_path / 'nothing')
 
 def _write_demo(prefix, identities, names=('gender',), codes=None):
     with IdentityRecordWriter(prefix, attribute_names=list(names), attribute_codes=codes or {}) as w:

@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.align import template
+from recognition.align import bbox_crop, template
 from recognition.data import packer
 from recognition.data.lst import LstItem, dir_to_lst, write_lst
 from recognition.data.record import IdentityRecordWriter, read_attributes
@@ -103,23 +103,57 @@ def test_code_meanings_from_a_file_beside_the_csv_or_an_argument(tmp_path):
         packer.pack(str(tmp_path / 'train'), attributes=csv_path)
 
 
-def test_unaligned_rows_are_aligned_with_landmarks(tmp_path):
+def gradient_scene(height=480, width=640):
+    """BGR image whose blue channel encodes x and green encodes y, so a crop's edges tell its box."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    return np.stack([x, y, np.full_like(x, 128)], axis=2).round().astype(np.uint8)
+
+
+def box_levels(img):
+    """(blue of the left column, blue of the right column, green of the top row, green of the bottom row)."""
+    img = img.astype(np.float64)
+    return np.array([img[:, 0, 0].mean(), img[:, -1, 0].mean(), img[0, :, 1].mean(), img[-1, :, 1].mean()])
+
+
+def test_unaligned_rows_are_aligned_with_landmarks_or_cropped_as_insightface(tmp_path):
     photo = np.full((200, 240, 3), 40, np.uint8)
     lmk = template() * 1.4 + np.array([50.0, 20.0])   # face scaled and shifted in a bigger photo
     for x, y in lmk.astype(int):
         cv2.circle(photo, (x, y), 4, (255, 255, 255), -1)
     cv2.imwrite(str(tmp_path / 'photo.png'), photo)
+    scene = gradient_scene()
+    cv2.imwrite(str(tmp_path / 'scene.png'), scene)
     write_lst(tmp_path / 'u.lst', [LstItem(0, 'photo.png', 0, np.array([0, 0, 240, 200]), lmk),
-                                   LstItem(0, 'photo.png', 1)])
+                                   LstItem(0, 'scene.png', 1, np.array([100, 60, 180, 150])),
+                                   LstItem(0, 'scene.png', 2)])
+    assert len((tmp_path / 'u.lst').read_text().splitlines()[1].split('\t')) == 7   # bbox, no landmarks
     summary = packer.pack(str(tmp_path / 'u'))
-    assert summary['images'] == 1 and summary['skipped'] == 1   # no landmarks: skipped as insightface
-    header, body = raw_records(str(tmp_path / 'u'))[1]
-    assert header.label.tolist() == [0, 0]
-    face = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
-    assert face.shape == (112, 112, 3)
-    for x, y in template():   # the bright dots land on the template points
-        assert face[int(round(y)), int(round(x))].mean() > 150
-    assert 'without landmarks' in (tmp_path / 'u.skipped.txt').read_text()
+    assert summary['images'] == 3 and summary['skipped'] == 0
+    assert not (tmp_path / 'u.skipped.txt').exists()
+    records = raw_records(str(tmp_path / 'u'))
+    faces = [cv2.imdecode(np.frombuffer(records[k][1], np.uint8), cv2.IMREAD_COLOR) for k in (1, 2, 3)]
+    assert [records[k][0].label.tolist() for k in (1, 2, 3)] == [[0, 0], [1, 0], [2, 0]]
+    assert all(face.shape == (112, 112, 3) for face in faces)
+    for x, y in template():   # landmarks: the bright dots land on the template points
+        assert faces[0][int(round(y)), int(round(x))].mean() > 150
+    # bbox 100,60,180,150 widened by 22 px on each side: columns 78..201, rows 38..171, stretched
+    bbox_crop = cv2.resize(scene[38:172, 78:202], (112, 112))
+    np.testing.assert_allclose(box_levels(faces[1]), box_levels(bbox_crop), atol=2)
+    assert abs(box_levels(faces[1])[0] - 255 * 100 / 639) > 6   # not the bare box
+    # no bbox: 640x480 minus 6.25% (40, 30 px) per side, then widened by 22 px: columns 18..621, rows 8..471
+    centre_crop = cv2.resize(scene[8:472, 18:622], (112, 112))
+    np.testing.assert_allclose(box_levels(faces[2]), box_levels(centre_crop), atol=2)
+    assert abs(box_levels(faces[2])[0] - 255 * 40 / 639) > 6
+
+
+def test_bbox_crop_clips_to_the_image_and_rejects_an_empty_box():
+    scene = gradient_scene(100, 120)
+    edge = bbox_crop(scene, np.array([5, 10, 60, 70]), 112, width=96)   # 112x96: H x W
+    assert edge.shape == (112, 96, 3)
+    np.testing.assert_allclose(box_levels(edge), box_levels(cv2.resize(scene[0:92, 0:82], (96, 112))), atol=1)
+    with pytest.raises(ValueError, match='empty'):
+        bbox_crop(scene, np.array([200, 200, 260, 260]))
 
 
 def test_output_is_identical_for_any_number_of_processes(tmp_path):

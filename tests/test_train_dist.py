@@ -115,8 +115,7 @@ def test_shards_are_read_whole_per_rank(tmp_path):
         training_recs(str(tmp_path / 'missing'), 'demo')
 
 
-def test_sync_runs_update_on_workers_so_resume_can_save_optimizer_state():
-    assert Topology([], 'dist_sync', name='dist_sync').update_on_kvstore is False
-    assert Topology([], 'dist_device_sync', name='dist_device_sync').update_on_kvstore is False
-    assert Topology([], 'dist_async', name='dist_async').update_on_kvstore is True
+def test_distributed_runs_update_on_the_servers():
+    for name in ('dist_sync', 'dist_device_sync', 'dist_async'):
+        assert Topology([], name, name=name).update_on_kvstore is True
     assert Topology([], 'device').update_on_kvstore is None

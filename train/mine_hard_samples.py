@@ -11,7 +11,7 @@ and their spread over the protected groups.
 import argparse
 
 from recognition.finetune import format_hard_report, mine_hard_samples
-from recognition.utils import parse_contexts, run_cli
+from recognition.utils import add_device_args, parse_contexts, run_cli
 
 
 def parse_args(argv=None):
@@ -20,9 +20,7 @@ def parse_args(argv=None):
     p.add_argument('--rec', required=True, help='the training rec (PREFIX.rec)')
     p.add_argument('--out', required=True, help='output prefix (PREFIX_hard or <folder>/train)')
     p.add_argument('--lst', default=None, help='the source .lst to filter (default: <rec prefix>.lst if present)')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--gpus', default='')
-    p.add_argument('--ctx', default='')
+    add_device_args(p)
     return p.parse_args(argv)
 
 

@@ -13,7 +13,7 @@ import os
 
 from recognition.evaluation.fairness import WORST_GROUP_CRITERIA, evaluate_predictions
 from recognition.finetune import GROUP_FILE, append_chain_row, choose_group, evaluate_checkpoint
-from recognition.utils import UserError, parse_contexts, run_cli, write_json
+from recognition.utils import UserError, add_device_args, parse_contexts, run_cli, write_json
 
 
 def parse_args(argv=None):
@@ -34,9 +34,7 @@ def parse_args(argv=None):
     p.add_argument('--table', default='', help='also record the numbers as a row of this chain table '
                                                '(PREFIX.json and PREFIX.md)')
     p.add_argument('--step', default='', help='the row name in --table')
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--gpus', default='')
-    p.add_argument('--ctx', default='')
+    add_device_args(p)
     return p.parse_args(argv)
 
 

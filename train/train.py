@@ -61,8 +61,20 @@ def parse_args(argv=None):
     p.add_argument('--loss-m1', type=float, default=config.get('loss_m1'))
     p.add_argument('--loss-m2', type=float, default=config.get('loss_m2'))
     p.add_argument('--loss-m3', type=float, default=config.get('loss_m3'))
+    p.add_argument('--easy-margin', action=argparse.BooleanOptionalAction, default=config.get('easy_margin'),
+                   help='ArcFace only: add the margin only where cos(theta) > 0 (insightface --easy-margin)')
     p.add_argument('--fc7-lr-mult', type=float, default=config.fc7_lr_mult)
     p.add_argument('--fc7-wd-mult', type=float, default=config.fc7_wd_mult)
+    p.add_argument('--data-color', type=int, default=config.data_color,
+                   help="insightface data_color: 0 off; 1 colour jitter (strength 0.125); 2 also JPEG "
+                        "compress half the images")
+    p.add_argument('--data-cutoff', type=int, nargs='?', const=True, default=config.data_cutoff,
+                   help='blank a random square (value 128) in half the images: its side in pixels, or the '
+                        'flag alone for the default side; 0 off (insightface data_cutoff)')
+    p.add_argument('--data-compress', action=argparse.BooleanOptionalAction, default=config.data_compress,
+                   help='re-encode half the images as JPEG of quality 2..20')
+    p.add_argument('--images-filter', dest='data_images_filter', type=int, default=config.data_images_filter,
+                   help='drop identities with fewer images (insightface data_images_filter; 0 keeps all)')
     p.add_argument('--center-loss-weight', type=float, default=default.center_loss_weight,
                    help='weight of the center loss (HW_face auxiliary) added to the margin loss; 0 off')
     p.add_argument('--center-loss-alpha', type=float, default=default.center_loss_alpha,
@@ -87,6 +99,13 @@ def parse_args(argv=None):
             opts[k] = v
     opts.dataset_path = args.data_dir
     opts.val_targets = [t for t in args.val_targets.split(',') if t.strip()]
+    if args.easy_margin and 'easy_margin' not in config:
+        p.error(f'--easy-margin applies to --loss arcface only, not {known.loss}')
+    if args.data_color < 0 or args.data_images_filter < 0 or args.data_cutoff < 0:
+        p.error('--data-color, --data-cutoff and --images-filter must be >= 0')
+    # insightface's data_color is a level, not a strength: 1 jitters with its 0.125, 2 adds compression.
+    opts.data_color = True if args.data_color > 0 else 0
+    opts.data_compress = bool(args.data_compress or args.data_color > 1)
     return opts
 
 

@@ -10,7 +10,28 @@ import numpy as np
 
 from recognition.utils import UserError, atomic_open
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+# Every image file type the project reads (OpenCV decodes them all): alignment, lists, extraction, prediction.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
+
+
+def is_image(name):
+    """Whether a file name has one of IMAGE_EXTENSIONS (any case)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder, exclude=None, recursive=True):
+    """Relative paths ('/' separated, sorted) of the images under `folder`, skipping the folder `exclude`;
+    with recursive=False only the images directly inside it."""
+    root = os.path.abspath(folder)
+    if not os.path.isdir(root):
+        raise UserError(f'{folder}: image folder not found')
+    exclude = os.path.abspath(exclude) if exclude else None
+    found = []
+    for parent, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if recursive and os.path.join(parent, d) != exclude)
+        rel = os.path.relpath(parent, root)
+        found += [name if rel == '.' else f'{rel}/{name}'.replace(os.sep, '/') for name in files if is_image(name)]
+    return sorted(found)
 
 
 class LstItem(NamedTuple):
@@ -91,7 +112,7 @@ def dir_to_lst(image_dir, root=None):
     label = 0
     for name in identities:
         folder = os.path.join(image_dir, name)
-        files = [f for f in sorted(os.listdir(folder)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        files = list_images(folder, recursive=False)
         for fname in files:
             path = os.path.join(folder, fname)
             if root is not None:

@@ -1,7 +1,8 @@
 """The face2rec2 engine: `.lst` (+ attribute CSV) -> identity-indexed rec shards.
 
-Images are read, checked and (for `aligned=0` rows with landmarks) aligned to the 112x112 arcface
-template in worker processes; results come back in list order, so the output is the same for any
+Images are read, checked and, for `aligned=0` rows, aligned to the 112x112 arcface template from
+their landmarks, or without landmarks cropped as insightface's face_preprocess (the .lst bbox
+widened by 44 px, else a centre box), in worker processes; results come back in list order, so the output is the same for any
 number of processes. Already aligned images keep their original bytes, as insightface.
 """
 import csv
@@ -15,7 +16,7 @@ import time
 import cv2
 import numpy as np
 
-from recognition.align import norm_crop
+from recognition.align import bbox_crop, norm_crop
 from recognition.data.lst import read_lst, resolve_lst_path
 from recognition.data.record import KNOWN_CODES, IdentityRecordWriter, property_path, write_property
 from recognition.utils import UserError, atomic_open
@@ -182,7 +183,7 @@ def _encode_params(encoding, quality):
 
 def encode_image(job):
     """(encoded bytes, None) or (None, reason) for one .lst entry; runs in a worker process."""
-    path, lst_dir, aligned, landmarks, image_size, encoding, params = job
+    path, lst_dir, aligned, bbox, landmarks, image_size, encoding, params = job
     path = resolve_lst_path(path, lst_dir)
     try:
         with open(path, 'rb') as f:
@@ -199,11 +200,9 @@ def encode_image(job):
         if img.shape[:2] == (h, w):
             return data, None
         img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
-    elif landmarks is None:
-        return None, 'aligned=0 without landmarks'
     else:
         try:
-            img = norm_crop(img, landmarks, h, w)
+            img = bbox_crop(img, bbox, h, w) if landmarks is None else norm_crop(img, landmarks, h, w)
         except ValueError as e:
             return None, str(e)
     ok, buf = cv2.imencode(encoding, img, params)
@@ -282,7 +281,8 @@ def pack_list(lst_path, num_threads=1, quality=95, encoding='.jpg', num_shards=1
     prefixes = [out_prefix] if num_shards == 1 else ['%s_%d' % (out_prefix, s) for s in range(num_shards)]
     params = _encode_params(encoding, quality)
     # Paths are resolved in the workers (a stat each): the main process only writes.
-    jobs = [(it.path, lst_dir, it.aligned, it.landmarks, tuple(image_size), encoding, params) for it in items]
+    jobs = [(it.path, lst_dir, it.aligned, it.bbox, it.landmarks, tuple(image_size), encoding, params)
+            for it in items]
     writers, skipped = [], []
     results = encoded_images(jobs, num_threads)
     try:

@@ -41,9 +41,12 @@ class Topology:
 
     @property
     def update_on_kvstore(self):
-        """dist_async must update on the servers; synchronous runs update on the workers, which keeps
-        the optimizer state local so `--resume` can save and load it (servers cannot save theirs)."""
-        return True if self.name == 'dist_async' else (False if self.distributed else None)
+        """Distributed runs update on the servers (MXNet's standard path). Updating on the workers
+        (pushpull of gradients) races on the first step in MXNet 1.9: Gluon's initial weight pull and the
+        first gradient pushpull of a key write different arrays, so nothing orders them and a worker can
+        start from merged gradients. The price: servers cannot save optimizer state, so a distributed
+        `--resume` restores weights and counters but restarts the momentum."""
+        return True if self.distributed else None
 
     def shard_plan(self, num_shards):
         """The shard indices this worker reads, or None when the samples are partitioned instead."""

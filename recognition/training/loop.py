@@ -296,7 +296,7 @@ class TrainingSession:
                 'run': {'network': self.opts.network, 'loss': self.opts.loss, 'dataset': self.opts.dataset}}
 
     def _resume(self):
-        state = checkpoint.load_resume(self.prefix, self.params, self.trainer)
+        state = checkpoint.load_resume(self.prefix, self.params, None if self.topology.distributed else self.trainer)
         if state['global_batch'] != self.global_batch:
             raise UserError(f'{checkpoint.resume_file(self.prefix)}: saved with a global batch of '
                             f'{state["global_batch"]}, this run has {self.global_batch}: resume needs the same '
@@ -318,8 +318,10 @@ class TrainingSession:
         """Snapshot for `--resume` (all parameters, optimizer, counters); chief only."""
         if not self.chief:
             return None
-        # Non-trainable parameters (frozen ones, BN statistics) are in `params` too.
-        return checkpoint.save_resume(self.prefix, self.params, self.trainer, self.state())
+        # Non-trainable parameters (frozen ones, BN statistics) are in `params` too. Distributed runs keep
+        # the optimizer state on the servers, which cannot save it (see kvstore.Topology.update_on_kvstore).
+        trainer = None if self.topology.distributed else self.trainer
+        return checkpoint.save_resume(self.prefix, self.params, trainer, self.state())
 
     # --- data ---------------------------------------------------------------------------------------
     def _batches(self, epoch, start_batch):
