@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from .evaluation.fairness import GROUP_CODES, evaluate_predictions, group_badness, worst_group
-from .utils import UserError, atomic_open, write_json
+from .utils import UserError, atomic_open, read_json, write_json
 
 # The protected attributes of the rec labels (architecture: GENDER 0 female / 1 male, SKIN_COLOUR 0 light /
 # 1 dark), found by case-insensitive name so `gender` (emore recs) and `GENDER` (csv columns) both match.
@@ -97,14 +97,8 @@ def describe_group(conditions, attribute_codes):
 
 def read_group_choice(path):
     """The group name chosen by `select_protected_group` (its JSON `group` field)."""
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except OSError:
-        raise UserError(f'{path}: no protected-group choice (run train/select_protected_group.py first)') from None
-    except json.JSONDecodeError as e:
-        raise UserError(f'{path}: invalid JSON ({e})') from None
-    if not isinstance(doc, dict) or not isinstance(doc.get('group'), str):
+    doc = read_json(path, 'no protected-group choice (run train/select_protected_group.py first)')
+    if not isinstance(doc.get('group'), str):
         raise UserError(f'{path}: expected a JSON object with a "group" name')
     return doc['group']
 

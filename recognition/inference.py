@@ -6,7 +6,6 @@ Images enter as RGB 0..255 (the project convention); `bgr` and `input_scale` ada
 trained otherwise. A model folder (`final_eval_models/<name>/`) holds the checkpoint and `model.json`.
 """
 import collections
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +14,7 @@ import numpy as np
 from sklearn.preprocessing import normalize
 
 from recognition.data.lst import list_images
-from recognition.utils import UserError
+from recognition.utils import UserError, read_json
 
 INPUT_SCALES = ('raw', 'normalized', 'unit')
 MODEL_JSON_KEYS = {'prefix', 'epoch', 'layer', 'color', 'input_scale'}
@@ -171,15 +170,7 @@ def parse_model_ref(ref):
 def read_model_json(path):
     """The validated `model.json` of a model folder, with defaults filled in."""
     meta_path = os.path.join(path, 'model.json')
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except OSError:
-        raise UserError(f'{meta_path}: not found (a model folder needs model.json)') from None
-    except json.JSONDecodeError as e:
-        raise UserError(f'{meta_path}: invalid JSON: {e}') from None
-    if not isinstance(meta, dict):
-        raise UserError(f'{meta_path}: expected a JSON object')
+    meta = read_json(meta_path, 'not found (a model folder needs model.json)')
     unknown = set(meta) - MODEL_JSON_KEYS
     if unknown:
         raise UserError(f'{meta_path}: unknown keys {sorted(unknown)} (allowed: {sorted(MODEL_JSON_KEYS)})')

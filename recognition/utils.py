@@ -54,6 +54,20 @@ def jsonable(obj):
     return obj
 
 
+def read_json(path, missing):
+    """The JSON object in `path`; a missing file says `missing`, broken JSON or a non-object says so."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError:
+        raise UserError(f'{path}: {missing}') from None
+    except json.JSONDecodeError as e:
+        raise UserError(f'{path}: invalid JSON ({e})') from None
+    if not isinstance(doc, dict):
+        raise UserError(f'{path}: expected a JSON object')
+    return doc
+
+
 def write_json(path, doc):
     """Write `doc` as indented JSON, atomically."""
     with atomic_open(path) as f:
