@@ -33,7 +33,7 @@ WORKER = textwrap.dedent('''
 
     data_dir, out, kvstore, ctx = sys.argv[1:5]
     opts = make_opts(data_dir, os.path.join(out, 'models'), kvstore=kvstore, ctx=ctx, per_batch_size=4,
-                     max_steps=8, lr=0.01, verbose=1000, ckpt=0, val_targets=[])
+                     max_steps=8, lr=0.01, lr_steps='6', warmup=2, verbose=1000, ckpt=0, val_targets=[])
     session = TrainingSession(opts, net=TinyNet(global_stats=True), head=build_head('nsoftmax', 8, 32, s=16.0))
 
     def fixed_loss():
@@ -84,6 +84,7 @@ def test_dist_sync_matches_one_process(data_dir, tmp_path, monkeypatch, capfd):
         np.testing.assert_array_equal(w0[name], w1[name], err_msg=name)
         scale = max(float(np.abs(one[name]).max()), 1e-3)
         assert np.abs(w0[name] - one[name]).max() <= 1e-4 * scale, name
+    # The same warmup and step decay reached the servers (they update there): equal to one process.
     # The loss on a fixed set of training images fell on both workers.
     for rank in (0, 1):
         before, after = np.load(tmp_path / f'losses_dist_sync_rank{rank}.npy')

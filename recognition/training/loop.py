@@ -24,7 +24,7 @@ from .. import checkpoint
 from ..utils import UserError
 from . import kvstore as kvstore_setup
 from .monitor import Monitor, get_logger
-from .schedules import PlateauDecay, StepSchedule
+from .schedules import PlateauDecay, ServerSchedule, StepSchedule
 
 # insightface's loss config keys (build_head takes them as aliases).
 HEAD_KEYS = ('loss_s', 'loss_m1', 'loss_m2', 'loss_m3', 'loss_gamma', 'loss_margin', 'easy_margin')
@@ -166,9 +166,6 @@ class TrainingSession:
         self.params = {**self.net.collect_params(), **self.head.collect_params(),
                        **(self.tasks.collect_params() if self.tasks is not None else {})}
         self.trainable = {n: p for n, p in self.params.items() if p.grad_req != 'null'}
-        self.trainer = self._build_trainer()
-        self.loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
-
         try:
             lr_steps = [int(s) for s in str(opts.lr_steps).split(',') if s.strip()]
         except ValueError:
@@ -178,6 +175,11 @@ class TrainingSession:
         self.schedule = StepSchedule(opts.lr, lr_steps, warmup=opts.get('warmup', 0), cosine=opts.get('cosine'),
                                      max_steps=opts.max_steps)
         self.plateau = PlateauDecay(opts.get('auto_decay', 0) or 0)
+        if self.topology.distributed and self.plateau.patience:
+            raise UserError('--auto-decay watches one worker\'s loss; with a distributed kvstore the servers '
+                            'apply the schedule: use --lr-steps, --warmup or --cosine')
+        self.trainer = self._build_trainer()
+        self.loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -280,6 +282,8 @@ class TrainingSession:
         opts = self.opts
         optimizer_params = {'learning_rate': opts.lr, 'wd': opts.wd, 'momentum': opts.mom,
                             'multi_precision': self.amp}
+        if self.topology.distributed:
+            optimizer_params['lr_scheduler'] = ServerSchedule(self.schedule)
         trainer = mx.gluon.Trainer(self.trainable, 'sgd', optimizer_params, kvstore=self.topology.kvstore,
                                    update_on_kvstore=self.topology.update_on_kvstore)
         if self.amp:
@@ -311,6 +315,9 @@ class TrainingSession:
         self.highest_acc = list(state['highest_acc'])
         self.seed = state['seed']
         self.plateau.load_state_dict(state['plateau'])
+        # The optimizer's update count drives the schedule on the servers (ServerSchedule); it is sent
+        # there at the first step, so starting it at the resumed step resumes the schedule too.
+        self.trainer.optimizer.begin_num_update = self.trainer.optimizer.num_update = self.step
         self.log.info('resumed from %s at step %d (epoch %d, batch %d)', checkpoint.resume_file(self.prefix),
                       self.step, self.epoch, self.batch_in_epoch)
 
@@ -454,7 +461,8 @@ class TrainingSession:
             while not self._finished():
                 for data, label in self._batches(self.epoch, self.batch_in_epoch):
                     lr = self.schedule(self.step) * self.plateau.scale
-                    self.trainer.set_learning_rate(lr)
+                    if not self.topology.distributed:
+                        self.trainer.set_learning_rate(lr)
                     mx.random.seed(self.seed * 1000003 + self.step, ctx='all')
                     loss, correct = self._forward_backward(data, label)
                     if not math.isfinite(loss):

@@ -38,6 +38,22 @@ class StepSchedule:
         return self.base_lr * self.factor ** passed
 
 
+class ServerSchedule:
+    """A StepSchedule in MXNet's LRScheduler form, to ship inside the optimizer to the kvstore servers.
+
+    Distributed runs update on the servers, which the workers' `set_learning_rate` does not reach; the
+    optimizer (and its lr_scheduler) is pickled to them, so the schedule must travel with it. MXNet counts
+    the update being made (1 for the first); StepSchedule counts completed updates.
+    """
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+        self.base_lr = schedule.base_lr
+
+    def __call__(self, num_update):
+        return self.schedule(max(int(num_update) - 1, 0))
+
+
 def _not_decreasing(values, keep, probability_of_decrease):
     y_rev = np.asarray(values, dtype=np.float64)[::-1]
     keep_rev = np.asarray(keep, dtype=bool)[::-1]
