@@ -32,6 +32,15 @@ def sgemm_gflops(n=2048, repeat=5):
     return 2.0 * n ** 3 * repeat / (time.time() - tic) / 1e9
 
 
+def seconds_per_call(step, iters):
+    """Mean wall time of `step` over `iters` calls, after one warm-up call."""
+    step()
+    tic = time.time()
+    for _ in range(iters):
+        step()
+    return (time.time() - tic) / iters
+
+
 def forward_flops(sym, size=112):
     """Multiply-adds x 2 of Convolution and FullyConnected layers for one sample."""
     internals = sym.get_internals()
@@ -78,11 +87,7 @@ def gluon_step_time(name, batch, iters, n_ctx=1, hybridize=True):
         trainer.step(batch)
         mx.nd.waitall()
 
-    step()
-    tic = time.time()
-    for _ in range(iters):
-        step()
-    return (time.time() - tic) / iters
+    return seconds_per_call(step, iters)
 
 
 def module_step_time(name, batch, iters):
@@ -103,11 +108,7 @@ def module_step_time(name, batch, iters):
         mod.update()
         mx.nd.waitall()
 
-    step()
-    tic = time.time()
-    for _ in range(iters):
-        step()
-    return (time.time() - tic) / iters
+    return seconds_per_call(step, iters)
 
 
 def main():

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from recognition.data.lst import list_images
-from recognition.inference import (INPUT_SCALES, extract_features, find_model_dirs, load_embedder, load_model_dir,
+from recognition.inference import (INPUT_SCALES, extract_features, load_embedder, load_models,
                                    parse_model_ref)
 from recognition.utils import UserError, add_device_args, atomic_open, atomic_path, parse_contexts, run_cli
 
@@ -48,8 +48,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     ctx = parse_contexts(args.gpus, args.ctx)
-    embedders = [load_model_dir(d, ctx=ctx, batch_size=args.batch_size)
-                 for d in (find_model_dirs(args.models) if args.models else [])]
+    embedders = load_models(args.models, ctx=ctx, batch_size=args.batch_size) if args.models else []
     for ref in args.model:
         prefix, epochs = parse_model_ref(ref)
         embedders += [load_embedder(prefix, e, layer=args.layer, ctx=ctx, bgr=args.bgr,

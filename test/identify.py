@@ -11,7 +11,7 @@ import os
 
 from recognition.data.lst import dir_to_lst
 from recognition.evaluation.identification import FUSIONS, identify
-from recognition.inference import extract_features, find_model_dirs, load_model_dir
+from recognition.inference import extract_features, load_models
 from recognition.utils import add_device_args, atomic_open, parse_contexts, run_cli
 
 
@@ -40,7 +40,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     ctx = parse_contexts(args.gpus, args.ctx)
-    embedders = [load_model_dir(d, ctx=ctx, batch_size=args.batch_size) for d in find_model_dirs(args.models)]
+    embedders = load_models(args.models, ctx=ctx, batch_size=args.batch_size)
     g_paths, g_labels = labelled_images(args.gallery)
     p_paths, p_labels = labelled_images(args.probes)
     embed = lambda paths: extract_features(embedders, paths, args.batch_size, flip=not args.no_flip, progress=True)

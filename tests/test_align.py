@@ -19,16 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-    """Subprocess environment with a private weight cache, one thread per process."""
-    cache = str(tmp_path_factory.mktemp('cache'))
-    old = os.environ.get('XDG_CACHE_HOME')
-    os.environ['XDG_CACHE_HOME'] = cache
-    yield dict(os.environ, XDG_CACHE_HOME=cache, OMP_NUM_THREADS='1')
-    if old is None:
-        del os.environ['XDG_CACHE_HOME']
-    else:
-        os.environ['XDG_CACHE_HOME'] = old
+def env(private_weight_cache):
+    """Subprocess environment with the suite's private weight cache, one thread per process."""
+    return dict(os.environ, OMP_NUM_THREADS='1')
 
 
 @pytest.fixture(scope='module')

@@ -15,25 +15,13 @@ from recognition.detection.mtcnn import PReLU, cache_dir, nms
 ATOL = 1e-4
 
 
-@pytest.fixture(scope='module', autouse=True)
-def private_cache(tmp_path_factory):
-    """Keep converted weights out of the user's cache during tests."""
-    old = os.environ.get('XDG_CACHE_HOME')
-    os.environ['XDG_CACHE_HOME'] = str(tmp_path_factory.mktemp('cache'))
-    yield
-    if old is None:
-        del os.environ['XDG_CACHE_HOME']
-    else:
-        os.environ['XDG_CACHE_HOME'] = old
-
-
 @pytest.fixture(scope='module')
-def nets(private_cache):
+def nets():
     return load_nets()
 
 
 @pytest.fixture(scope='module')
-def detector(private_cache):
+def detector():
     return MTCNNDetector()
 
 
