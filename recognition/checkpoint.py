@@ -204,8 +204,8 @@ def resume_file(prefix):
 def save_resume(prefix, params, trainer, state):
     """Snapshot parameters (name -> Parameter), optimizer state and `state` (json-able) for `--resume`.
 
-    `trainer=None` snapshots no optimizer state (distributed runs: it lives on the servers, which cannot
-    save it); resuming then restarts the momentum.
+    `trainer=None` snapshots no optimizer state (dist_async: it lives on the servers, which cannot save
+    it); resuming then restarts the momentum.
     """
     step = int(state['step'])
     base = '%s-resume-%08d' % (prefix, step)
@@ -224,8 +224,9 @@ def save_resume(prefix, params, trainer, state):
     return resume_file(prefix)
 
 
-def load_resume(prefix, params, trainer):
-    """Restore a snapshot written by `save_resume` into `params` and `trainer`; return its state dict."""
+def load_resume(prefix, params):
+    """Restore the parameters of a snapshot written by `save_resume` into `params`; return its state dict,
+    with `states` the path of the optimizer state to load (None when the run saved none)."""
     path = resume_file(prefix)
     if not os.path.isfile(path):
         raise UserError(f'{path}: nothing to resume (no resume state in this run folder)')
@@ -244,12 +245,8 @@ def load_resume(prefix, params, trainer):
         if tuple(arrays[name].shape) != tuple(param.shape):
             raise UserError(f'{path}: parameter {name} has shape {tuple(arrays[name].shape)}, '
                             f'this run needs {tuple(param.shape)}')
+    if states is not None and not os.path.isfile(states):
+        raise UserError(f'{states}: optimizer state named by {path} is missing')
     for name, param in params.items():
         param.set_data(arrays[name])
-    if states is None:
-        return state
-    if not os.path.isfile(states):
-        raise UserError(f'{states}: optimizer state named by {path} is missing')
-    if trainer is not None:
-        trainer.load_states(states)
-    return state
+    return dict(state, states=states)

@@ -41,12 +41,17 @@ class Topology:
 
     @property
     def update_on_kvstore(self):
-        """Distributed runs update on the servers (MXNet's standard path). Updating on the workers
-        (pushpull of gradients) races on the first step in MXNet 1.9: Gluon's initial weight pull and the
-        first gradient pushpull of a key write different arrays, so nothing orders them and a worker can
-        start from merged gradients. The price: servers cannot save optimizer state, so a distributed
-        `--resume` restores weights and counters but restarts the momentum."""
-        return True if self.distributed else None
+        """Where the optimizer runs: on the workers for the synchronous kvstores (each worker holds the
+        momentum, so `--resume` restores it as on one machine), on the servers for `dist_async` (MXNet
+        requires it there; servers cannot save optimizer state, so an async resume restarts the momentum).
+        None lets MXNet choose for the local kvstores."""
+        if self.name == 'dist_async':
+            return True
+        return False if self.distributed else None
+
+    @property
+    def server_updates(self):
+        return bool(self.update_on_kvstore) and self.distributed
 
     def shard_plan(self, num_shards):
         """The shard indices this worker reads, or None when the samples are partitioned instead."""

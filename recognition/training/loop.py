@@ -176,8 +176,9 @@ class TrainingSession:
                                      max_steps=opts.max_steps)
         self.plateau = PlateauDecay(opts.get('auto_decay', 0) or 0)
         if self.topology.distributed and self.plateau.patience:
-            raise UserError('--auto-decay watches one worker\'s loss; with a distributed kvstore the servers '
-                            'apply the schedule: use --lr-steps, --warmup or --cosine')
+            raise UserError('--auto-decay watches this worker\'s loss, which differs between workers, so their '
+                            'learning rates would drift apart: with a distributed kvstore use --lr-steps, '
+                            '--warmup or --cosine')
         self.trainer = self._build_trainer()
         self.loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
         self.step = 0
@@ -190,6 +191,8 @@ class TrainingSession:
         self._stop_signal = None
         if opts.get('resume'):
             self._resume()
+        else:
+            self._join_kvstore()
 
     # --- construction -------------------------------------------------------------------------------
     def _open_dataset(self):
@@ -282,7 +285,7 @@ class TrainingSession:
         opts = self.opts
         optimizer_params = {'learning_rate': opts.lr, 'wd': opts.wd, 'momentum': opts.mom,
                             'multi_precision': self.amp}
-        if self.topology.distributed:
+        if self.topology.server_updates:
             optimizer_params['lr_scheduler'] = ServerSchedule(self.schedule)
         trainer = mx.gluon.Trainer(self.trainable, 'sgd', optimizer_params, kvstore=self.topology.kvstore,
                                    update_on_kvstore=self.topology.update_on_kvstore)
@@ -300,7 +303,7 @@ class TrainingSession:
                 'run': {'network': self.opts.network, 'loss': self.opts.loss, 'dataset': self.opts.dataset}}
 
     def _resume(self):
-        state = checkpoint.load_resume(self.prefix, self.params, None if self.topology.distributed else self.trainer)
+        state = checkpoint.load_resume(self.prefix, self.params)
         if state['global_batch'] != self.global_batch:
             raise UserError(f'{checkpoint.resume_file(self.prefix)}: saved with a global batch of '
                             f'{state["global_batch"]}, this run has {self.global_batch}: resume needs the same '
@@ -315,19 +318,51 @@ class TrainingSession:
         self.highest_acc = list(state['highest_acc'])
         self.seed = state['seed']
         self.plateau.load_state_dict(state['plateau'])
-        # The optimizer's update count drives the schedule on the servers (ServerSchedule); it is sent
-        # there at the first step, so starting it at the resumed step resumes the schedule too.
+        self._join_kvstore()
+        if state['states'] and not self.topology.server_updates:
+            self.trainer.load_states(state['states'])
+        # With dist_async the optimizer's update count drives the schedule on the servers (ServerSchedule);
+        # it is sent there at the first step, so starting it at the resumed step resumes the schedule too.
         self.trainer.optimizer.begin_num_update = self.trainer.optimizer.num_update = self.step
+        if self.topology.server_updates:
+            self.log.warning('%s keeps the optimizer state on the servers, which cannot save it: the momentum '
+                             'restarts', self.topology.name)
         self.log.info('resumed from %s at step %d (epoch %d, batch %d)', checkpoint.resume_file(self.prefix),
                       self.step, self.epoch, self.batch_in_epoch)
 
+    def _join_kvstore(self):
+        """Distributed runs: rank 0's weights go to the servers and every worker pulls them, before any step.
+
+        This avoids two MXNet 1.9 pitfalls. Left to itself the Trainer does it inside the first step, where
+        (updates on the workers) the weight pull and the first gradient pushpull of a key write different
+        arrays, so nothing orders them on the servers. And a weight MKLDNN has re-laid out (a convolution
+        weight after a forward) is pushed from a temporary the kvstore's init does not wait for, so another
+        worker can pull the key before it exists ("init N first" kills the server); a plain copy is safe.
+        """
+        if not self.topology.distributed:
+            return
+        trainer = self.trainer
+        # What step(global_batch) would set; dist_async sends the optimizer to the servers right here.
+        trainer._optimizer.rescale_grad = trainer._scale / self.global_batch
+        trainer._init_kvstore()   # MXNet 1.9 has no public way to set up a Trainer's kvstore before a step
+        for param in trainer._params_to_init:
+            arrays = param.list_data()
+            trainer._kvstore.broadcast(trainer._param2idx[param.name], arrays[0].copy(), arrays)
+        trainer._params_to_init = []
+        self.mx.nd.waitall()
+
     def save_resume(self):
-        """Snapshot for `--resume` (all parameters, optimizer, counters); chief only."""
+        """Snapshot for `--resume` (all parameters, optimizer, counters); chief only.
+
+        Every worker first finishes its queued updates: MXNet drops pending engine work at exit, and in
+        dist_sync a worker that left with its last gradients unsent would leave the chief waiting forever.
+        """
+        self.mx.nd.waitall()
         if not self.chief:
             return None
-        # Non-trainable parameters (frozen ones, BN statistics) are in `params` too. Distributed runs keep
-        # the optimizer state on the servers, which cannot save it (see kvstore.Topology.update_on_kvstore).
-        trainer = None if self.topology.distributed else self.trainer
+        # Non-trainable parameters (frozen ones, BN statistics) are in `params` too. dist_async keeps the
+        # optimizer state on the servers, which cannot save it (see kvstore.Topology.update_on_kvstore).
+        trainer = None if self.topology.server_updates else self.trainer
         return checkpoint.save_resume(self.prefix, self.params, trainer, self.state())
 
     # --- data ---------------------------------------------------------------------------------------
@@ -461,7 +496,7 @@ class TrainingSession:
             while not self._finished():
                 for data, label in self._batches(self.epoch, self.batch_in_epoch):
                     lr = self.schedule(self.step) * self.plateau.scale
-                    if not self.topology.distributed:
+                    if not self.topology.server_updates:
                         self.trainer.set_learning_rate(lr)
                     mx.random.seed(self.seed * 1000003 + self.step, ctx='all')
                     loss, correct = self._forward_backward(data, label)

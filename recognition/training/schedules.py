@@ -41,7 +41,7 @@ class StepSchedule:
 class ServerSchedule:
     """A StepSchedule in MXNet's LRScheduler form, to ship inside the optimizer to the kvstore servers.
 
-    Distributed runs update on the servers, which the workers' `set_learning_rate` does not reach; the
+    dist_async updates on the servers, which the workers' `set_learning_rate` does not reach; the
     optimizer (and its lr_scheduler) is pickled to them, so the schedule must travel with it. MXNet counts
     the update being made (1 for the first); StepSchedule counts completed updates.
     """
