@@ -47,6 +47,20 @@ def test_pnet_equals_onnxruntime(nets, height, width):
     np.testing.assert_allclose(bbox, ref['conv2d_4'].transpose(0, 3, 2, 1), atol=ATOL)
 
 
+def test_refine_pads_and_chunks_without_changing_rows(detector, monkeypatch):
+    """R/O-Net run as zero-padded bucket batches (and chunks) give each real crop its own output."""
+    assert [detector.bucket(n) for n in (1, 8, 9, 64, 65, 97)] == [8, 8, 16, 64, 96, 128]
+    monkeypatch.setattr(detector, 'MAX_BATCH', 16)
+    rng = np.random.RandomState(1)
+    for net, size in ((detector.rnet, 24), (detector.onet, 48)):
+        crops = rng.uniform(0, 255, (21, 3, size, size)).astype(np.float32)  # chunks of 16 and 5 (-> 8)
+        want = [o.asnumpy() for o in net(mx.nd.array(crops))]
+        got = detector._refine(net, crops)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_rnet_onet_equal_onnxruntime(nets):
     rng = np.random.RandomState(0)
     crops24 = rng.uniform(0, 255, (7, 3, 24, 24)).astype(np.float32)
