@@ -137,6 +137,36 @@ def test_nms_union_and_min():
     assert sorted(nms(boxes, 0.5, 'min')) == [2, 3]        # box 3 lies inside 0 and 1
 
 
+def test_nms_overlap_matrix_equals_greedy_loop(monkeypatch):
+    """Both NMS paths (all overlaps at once; per kept box) keep the same boxes in the same order,
+    score ties included."""
+    from recognition.detection import mtcnn
+    rng = np.random.RandomState(0)
+    for _ in range(100):
+        n = rng.randint(1, 60)
+        corner = rng.uniform(0, 100, (n, 2))
+        boxes = np.column_stack([corner, corner + rng.uniform(5, 40, (n, 2)), np.round(rng.rand(n), 1)])
+        for mode, threshold in (('union', 0.5), ('min', 0.7)):
+            matrix = nms(boxes, threshold, mode)
+            monkeypatch.setattr(mtcnn, 'NMS_MATRIX', 0)
+            loop = nms(boxes, threshold, mode)
+            monkeypatch.undo()
+            np.testing.assert_array_equal(matrix, loop)
+
+
+def test_crops_pad_outside_the_image():
+    """A box partly or wholly outside the image is cropped as if the image were zero-padded."""
+    from recognition.detection.mtcnn import _crops
+    img = np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3)
+    boxes = np.array([[-4, -2, 5, 7, 1], [25, 15, 34, 24, 1], [40, 40, 49, 49, 1], [3, 4, 12, 13, 1]], float)
+    crops = _crops(img, boxes, 10)   # 10x10 boxes at size 10: resizing leaves them unchanged
+    padded = np.zeros((80, 90, 3), np.float32)
+    padded[10:30, 10:40] = img
+    for crop, (x1, y1, x2, y2, _) in zip(crops, boxes.astype(int)):
+        want = padded[y1 - 1 + 10:y2 + 10, x1 - 1 + 10:x2 + 10].transpose(2, 0, 1)
+        np.testing.assert_array_equal(crop, want)
+
+
 @pytest.mark.parametrize('flip', [False, True])
 def test_fast_prelu_is_bit_identical_to_leakyrelu(flip):
     """The max(x, a*x) form (and its sign-flipped variant for slopes above 1) equals MXNet's prelu."""
