@@ -49,7 +49,7 @@ def test_pnet_equals_onnxruntime(nets, height, width):
 
 def test_refine_pads_and_chunks_without_changing_rows(detector, monkeypatch):
     """R/O-Net run as zero-padded bucket batches (and chunks) give each real crop its own output."""
-    assert [detector.bucket(n) for n in (1, 8, 9, 64, 65, 97)] == [8, 8, 16, 64, 96, 128]
+    assert [detector.bucket(n) for n in (1, 8, 9, 64, 65, 97)] == [4, 8, 12, 64, 96, 128]
     monkeypatch.setattr(detector, 'MAX_BATCH', 16)
     rng = np.random.RandomState(1)
     for net, size in ((detector.rnet, 24), (detector.onet, 48)):

@@ -420,8 +420,9 @@ class MTCNNDetector:
 
     @staticmethod
     def bucket(n):
-        """The static batch size that holds n crops: a multiple of 8 up to 64, then of 32."""
-        step = 8 if n <= 64 else 32
+        """The static batch size that holds n crops: a multiple of 4 up to 64, then of 32 (larger
+        batches take larger steps so the number of cached graphs stays small)."""
+        step = 4 if n <= 64 else 32
         return -(-n // step) * step
 
     def _net_for(self, net, shape):
