@@ -412,6 +412,7 @@ class MTCNNDetector:
             net.hybridize()
         self._static = {}
         self._masks = {}
+        self._inputs = {}
 
     # Input shapes with their own static graph (bounded, for inputs of many sizes).
     MAX_STATIC_SHAPES = 64
@@ -457,6 +458,19 @@ class MTCNNDetector:
     def _nd(self, batch):
         return mx.nd.array(batch, ctx=self.ctx, dtype=np.float32)
 
+    def _run(self, net, batch, *extra):
+        """`net`'s static graph for `batch`'s shape on `batch` (numpy), outputs as numpy. The input
+        goes into a buffer kept per shape, cheaper than a new NDArray per call."""
+        key = (type(net).__name__, batch.shape)
+        buffer = self._inputs.get(key)
+        if buffer is None:
+            buffer = self._nd(batch)
+            if len(self._inputs) < self.MAX_STATIC_SHAPES:
+                self._inputs[key] = buffer
+        else:
+            buffer[:] = batch
+        return [o.asnumpy() for o in self._net_for(net, batch.shape)(buffer, *extra)]
+
     def _refine(self, net, crops):
         """R- or O-Net outputs (numpy) for a crop batch, run as zero-padded bucket-size batches.
 
@@ -470,8 +484,7 @@ class MTCNNDetector:
             chunk = crops[start:start + self.MAX_BATCH]
             padded = np.zeros((self.bucket(len(chunk)),) + chunk.shape[1:], np.float32)
             padded[:len(chunk)] = chunk
-            outs = self._net_for(net, padded.shape)(self._nd(padded))
-            parts.append([o[:len(chunk)].asnumpy() for o in outs])
+            parts.append([o[:len(chunk)] for o in self._run(net, padded)])
         return [np.concatenate(o) for o in zip(*parts)]
 
     # Pyramid levels of at most this many pixels (80x80) share one packed P-Net call (`_small_levels`):
@@ -488,8 +501,8 @@ class MTCNNDetector:
         maps = []
         for scale, hs, ws in levels[:len(levels) - len(small)]:
             blob = cv2.dnn.blobFromImage(cv2.resize(rgb, (ws, hs), interpolation=cv2.INTER_AREA))
-            prob, reg = self._net_for(self.pnet, blob.shape)(self._nd(blob))
-            maps.append((scale, prob[0, 1].asnumpy(), reg[0].asnumpy()))
+            prob, reg = self._run(self.pnet, blob)
+            maps.append((scale, prob[0, 1], reg[0]))
         if small:
             maps.extend(self._small_levels(rgb, small))
         return maps
@@ -510,8 +523,8 @@ class MTCNNDetector:
         for (y, x), (hs, ws) in zip(places, sizes):
             canvas[y:y + hs, x:x + ws] = cv2.resize(rgb, (ws, hs), interpolation=cv2.INTER_AREA)
         blob = canvas.transpose(2, 0, 1)[None]
-        prob, reg = self._net_for(self.packed_pnet, blob.shape)(self._nd(blob), mask)
-        prob, reg = prob[0, 1].asnumpy(), reg[0].asnumpy()
+        prob, reg = self._run(self.packed_pnet, blob, mask)
+        prob, reg = prob[0, 1], reg[0]
         maps = []
         for (scale, hs, ws), (y, x) in zip(levels, places):
             oh, ow = pnet_output_size(hs, ws)
