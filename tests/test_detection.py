@@ -167,18 +167,21 @@ def test_crops_pad_outside_the_image():
         np.testing.assert_array_equal(crop, want)
 
 
-@pytest.mark.parametrize('flip', [False, True])
-def test_fast_prelu_is_bit_identical_to_leakyrelu(flip):
-    """The max(x, a*x) form (and its sign-flipped variant for slopes above 1) equals MXNet's prelu."""
+@pytest.mark.parametrize('flip,input_flipped', [(False, False), (True, False), (True, True)])
+def test_fast_prelu_is_bit_identical_to_leakyrelu(flip, input_flipped):
+    """The max(x, a*x) form, its sign-flipped variant for slopes above 1, and that variant fed channels
+    the previous layer already negated, all equal MXNet's prelu."""
     rng = np.random.RandomState(int(flip))
     alpha = rng.uniform(-1.3, 1.3 if flip else 1.0, 6).astype(np.float32)
     x = mx.nd.array(rng.randn(2, 6, 5, 7) * 3)
     x[0, 0, 0, :2] = 0
-    block = PReLU(6)
+    block = PReLU(6, input_flipped=input_flipped)
     block.initialize()
     block.alpha.set_data(mx.nd.array(alpha))
     block.flip = flip
     reference = mx.nd.LeakyReLU(x, mx.nd.array(alpha), act_type='prelu').asnumpy()
+    if input_flipped:
+        x = x * mx.nd.array(np.where(alpha > 1, -1, 1).astype(np.float32).reshape(1, -1, 1, 1))
     np.testing.assert_array_equal(block(x).asnumpy(), reference)
     block.hybridize()
     np.testing.assert_array_equal(block(x).asnumpy(), reference)

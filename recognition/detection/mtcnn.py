@@ -25,7 +25,7 @@ from ..utils import UserError, atomic_path
 
 NET_NAMES = ('pnet', 'rnet', 'onet')
 # Bump when the conversion changes so stale caches are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 _HEAD_BY_WIDTH = {2: 'score', 4: 'bbox', 10: 'landmark'}
 
 
@@ -41,13 +41,15 @@ class PReLU(HybridBlock):
     rounding, as in prelu), so the op runs on MKLDNN plus one elementwise max. A slope a > 1 would
     need min(x, a*x) = -max(-x, -a*x), so nets whose slopes exceed 1 (`flip` set by `load_net` from
     the loaded weights) flip those channels' signs around the max, again with exact +-1 scalings.
+    With `input_flipped` the layer before already negated those channels (the conversion does that for
+    each net's first layer), which saves one of the three scalings on the largest maps.
     After a dense layer (`dense=True`: tiny inputs) it is the plain op. The parameter is `alpha` as in
     `nn.PReLU`, so converted weight files are unchanged.
     """
 
-    def __init__(self, channels, dense=False, **kwargs):
+    def __init__(self, channels, dense=False, input_flipped=False, **kwargs):
         super().__init__(**kwargs)
-        self.channels, self.dense = channels, dense
+        self.channels, self.dense, self.input_flipped = channels, dense, input_flipped
         self.flip = True    # the general form until the loaded slopes say otherwise
         with self.name_scope():
             self.alpha = self.params.get('alpha', shape=(channels,), init=mx.init.Constant(0.25))
@@ -62,6 +64,8 @@ class PReLU(HybridBlock):
         if not self.flip:
             return F.maximum(x, self._scale(F, x, alpha))
         sign = 1 - 2 * (alpha > 1)
+        if self.input_flipped:   # x = sign * input, so max(x, a*x) = sign * prelu(input)
+            return self._scale(F, F.maximum(x, self._scale(F, x, alpha)), sign)
         flipped = self._scale(F, x, sign)
         return self._scale(F, F.maximum(flipped, self._scale(F, x, sign * alpha)), sign)
 
@@ -72,7 +76,7 @@ class PNet(HybridBlock):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
-            self.conv1, self.prelu1 = _conv(10, 3, 3), PReLU(10)
+            self.conv1, self.prelu1 = _conv(10, 3, 3), PReLU(10, input_flipped=True)
             self.pool1 = nn.MaxPool2D(2, 2, ceil_mode=True)
             self.conv2, self.prelu2 = _conv(16, 3, 10), PReLU(16)
             self.conv3, self.prelu3 = _conv(32, 3, 16), PReLU(32)
@@ -135,7 +139,7 @@ class RNet(HybridBlock):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
-            self.conv1, self.prelu1 = _conv(28, 3, 3), PReLU(28)
+            self.conv1, self.prelu1 = _conv(28, 3, 3), PReLU(28, input_flipped=True)
             self.pool1 = nn.MaxPool2D(3, 2, ceil_mode=True)
             self.conv2, self.prelu2 = _conv(48, 3, 28), PReLU(48)
             self.pool2 = nn.MaxPool2D(3, 2)
@@ -158,7 +162,7 @@ class ONet(HybridBlock):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         with self.name_scope():
-            self.conv1, self.prelu1 = _conv(32, 3, 3), PReLU(32)
+            self.conv1, self.prelu1 = _conv(32, 3, 3), PReLU(32, input_flipped=True)
             self.pool1 = nn.MaxPool2D(3, 2, ceil_mode=True)
             self.conv2, self.prelu2 = _conv(64, 3, 32), PReLU(64)
             self.pool2 = nn.MaxPool2D(3, 2)
@@ -247,6 +251,11 @@ def convert_onnx(path):
                 weight, name = kernel.T, _HEAD_BY_WIDTH[kernel.shape[1]]
             params[f'{name}.weight'] = weight
             params[f'{name}.bias'] = bias_of(node)
+    # The first layer's channels with a PReLU slope above 1 come out negated (see PReLU.input_flipped):
+    # exact, since negating weights and bias negates every sum.
+    sign = np.where(params['prelu1.alpha'] > 1, -1, 1).astype(np.float32)
+    params['conv1.weight'] = params['conv1.weight'] * sign[:, None, None, None]
+    params['conv1.bias'] = params['conv1.bias'] * sign
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}
 
 
