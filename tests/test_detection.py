@@ -47,6 +47,23 @@ def test_pnet_equals_onnxruntime(nets, height, width):
     np.testing.assert_allclose(bbox, ref['conv2d_4'].transpose(0, 3, 2, 1), atol=ATOL)
 
 
+@pytest.mark.parametrize('height,width', [(250, 250), (251, 187), (120, 333), (97, 101)])
+def test_packed_small_levels_equal_each_level_alone(detector, height, width):
+    """P-Net maps of the packed small levels are bit-identical to running each level on its own."""
+    import cv2
+    rgb = np.random.RandomState(height).randint(0, 255, (height, width, 3)).astype(np.uint8)
+    maps = detector._pnet_maps(rgb)
+    assert [m[0] for m in maps] == detector.scales(height, width)
+    assert sum(h * w <= detector.PACK_AREA for _, h, w in
+               [(s, int(np.ceil(height * s)), int(np.ceil(width * s))) for s in detector.scales(height, width)]) >= 2
+    for scale, prob, reg in maps:
+        size = (int(np.ceil(width * scale)), int(np.ceil(height * scale)))
+        level = cv2.dnn.blobFromImage(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA))
+        want_prob, want_reg = (o.asnumpy() for o in detector.pnet(mx.nd.array(level)))
+        np.testing.assert_array_equal(prob, want_prob[0, 1])
+        np.testing.assert_array_equal(reg, want_reg[0])
+
+
 def test_refine_pads_and_chunks_without_changing_rows(detector, monkeypatch):
     """R/O-Net run as zero-padded bucket batches (and chunks) give each real crop its own output."""
     assert [detector.bucket(n) for n in (1, 8, 9, 64, 65, 97)] == [4, 8, 12, 64, 96, 128]

@@ -593,7 +593,7 @@ class MTCNNDetector:
             img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f'expected an H x W x 3 uint8 BGR image, got {img.dtype} {img.shape}')
-        rgb = np.ascontiguousarray(img[:, :, ::-1])
+        rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         empty = np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
         boxes = self._stage1(rgb)
         # Degenerate boxes (possible after regression) cannot be cropped.
