@@ -84,8 +84,11 @@ class PNet(HybridBlock):
             self.bbox = _conv(4, 1, 32)
 
     def hybrid_forward(self, F, x):
+        return self._cascade(F, x, lambda conv1_out: conv1_out)
+
+    def _cascade(self, F, x, before_pool):
         x = (x - 127.5) * 0.0078125
-        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool1(before_pool(self.prelu1(self.conv1(x))))
         x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
         return F.softmax(self.score(x), axis=1), self.bbox(x)
 
@@ -99,10 +102,7 @@ class PackedPNet(PNet):
     """
 
     def hybrid_forward(self, F, x, mask):
-        x = (x - 127.5) * 0.0078125
-        x = self.pool1(F.broadcast_add(self.prelu1(self.conv1(x)), mask))
-        x = self.prelu3(self.conv3(self.prelu2(self.conv2(x))))
-        return F.softmax(self.score(x), axis=1), self.bbox(x)
+        return self._cascade(F, x, lambda conv1_out: F.broadcast_add(conv1_out, mask))
 
 
 def pack_levels(sizes):
@@ -416,12 +416,11 @@ class MTCNNDetector:
         self.packed_pnet = PackedPNet(prefix=self.pnet.prefix, params=self.pnet.collect_params())
         _set_flips(self.packed_pnet)
         # Cached graphs cut the per-op cost of these small nets; every call runs a static graph per
-        # input shape (`_net_for`): P-Net per pyramid level, R/O-Net per batch bucket (`_refine`).
+        # input shape (`_run`): P-Net per large pyramid level, R/O-Net per batch bucket (`_refine`).
         for net in (self.pnet, self.rnet, self.onet):
             net.hybridize()
         self._static = {}
         self._masks = {}
-        self._inputs = {}
 
     # Input shapes with their own static graph (bounded, for inputs of many sizes).
     MAX_STATIC_SHAPES = 64
@@ -434,21 +433,6 @@ class MTCNNDetector:
         batches take larger steps so the number of cached graphs stays small)."""
         step = 4 if n <= 64 else 32
         return -(-n // step) * step
-
-    def _net_for(self, net, shape):
-        """`net` (sharing its weights) with a static graph for input `shape`. Pyramid levels repeat
-        a few shapes, and a fixed graph per shape skips re-planning memory on every call (plain
-        hybridization re-plans whenever the shape changes)."""
-        key = (type(net).__name__, shape)
-        static = self._static.get(key)
-        if static is None:
-            if len(self._static) >= self.MAX_STATIC_SHAPES:
-                return net
-            static = type(net)(prefix=net.prefix, params=net.collect_params())
-            _set_flips(static)
-            static.hybridize(static_alloc=True, static_shape=True)
-            self._static[key] = static
-        return static
 
     def config(self):
         """Constructor arguments (without ctx), so worker processes can build an equal detector."""
@@ -468,17 +452,23 @@ class MTCNNDetector:
         return mx.nd.array(batch, ctx=self.ctx, dtype=np.float32)
 
     def _run(self, net, batch, *extra):
-        """`net`'s static graph for `batch`'s shape on `batch` (numpy), outputs as numpy. The input
-        goes into a buffer kept per shape, cheaper than a new NDArray per call."""
+        """`net` on `batch` (numpy) through a static graph for its shape (sharing the weights) and an
+        input buffer kept with it; outputs as numpy. Pyramid levels and crop buckets repeat a few
+        shapes, and a fixed graph skips re-planning memory on every call (plain hybridization
+        re-plans whenever the shape changes); the buffer is cheaper than a new NDArray per call."""
         key = (type(net).__name__, batch.shape)
-        buffer = self._inputs.get(key)
-        if buffer is None:
-            buffer = self._nd(batch)
-            if len(self._inputs) < self.MAX_STATIC_SHAPES:
-                self._inputs[key] = buffer
+        cached = self._static.get(key)
+        if cached is None:
+            if len(self._static) >= self.MAX_STATIC_SHAPES:
+                return [o.asnumpy() for o in net(self._nd(batch), *extra)]
+            static = type(net)(prefix=net.prefix, params=net.collect_params())
+            _set_flips(static)
+            static.hybridize(static_alloc=True, static_shape=True)
+            cached = self._static[key] = (static, self._nd(batch))
         else:
-            buffer[:] = batch
-        return [o.asnumpy() for o in self._net_for(net, batch.shape)(buffer, *extra)]
+            cached[1][:] = batch
+        static, buffer = cached
+        return [o.asnumpy() for o in static(buffer, *extra)]
 
     def _refine(self, net, crops):
         """R- or O-Net outputs (numpy) for a crop batch, run as zero-padded bucket-size batches.
