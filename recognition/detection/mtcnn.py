@@ -94,9 +94,10 @@ class PNet(HybridBlock):
 class PackedPNet(PNet):
     """P-Net over one canvas holding several pyramid levels (one call instead of one per level).
 
-    `mask` (1 x 1 x conv1 output) is 0 where a conv1 output lies inside a level and -1e4 elsewhere, so
-    a max-pool window at a level's edge ignores what lies beyond it, exactly as the ceil-mode pooling
-    of the level alone; output cells inside a level then equal that level's own P-Net output.
+    `mask` (shaped as the conv1 output) is 0 where a conv1 output lies inside a level and -1e4 elsewhere,
+    so a max-pool window at a level's edge ignores what lies beyond it, exactly as the ceil-mode pooling
+    of the level alone; output cells inside a level then equal that level's own P-Net output. It spans
+    every channel because a same-shape add stays in MKLDNN, where a broadcast add would not.
     """
 
     def hybrid_forward(self, F, x, mask):
