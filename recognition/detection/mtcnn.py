@@ -48,7 +48,8 @@ class PReLU(HybridBlock):
     activations never drop to MXNet's plain kernels, whose layout conversions cost more than all of
     MTCNN's convolutions. Exact for any slope: one of the two terms is always zero, (-1) * x and
     (-a) * (-x) are single roundings equal to -x and a * x. After a dense layer (`dense=True`: tiny
-    inputs) it is the plain op. The parameter is `alpha` as in `nn.PReLU`.
+    inputs) it is the plain op. The parameter is `alpha` as in `nn.PReLU`. (The recognition nets'
+    `models.layers.PReLU` is shaped for training instead: its gradient is what it makes fast.)
     """
 
     def __init__(self, channels, dense=False, **kwargs):
