@@ -516,7 +516,7 @@ class MTCNNDetector:
         key = (tuple(sizes), tuple(places))
         mask = self._masks.get(key)
         if mask is None:
-            mask = np.full((1, self.pnet.conv1._channels, height - 2, width - 2), -1e4, np.float32)
+            mask = np.full((1, self.pnet.conv1.weight.shape[0], height - 2, width - 2), -1e4, np.float32)
             for (y, x), (hs, ws) in zip(places, sizes):
                 mask[0, :, y:y + hs - 2, x:x + ws - 2] = 0
             mask = self._nd(mask)
