@@ -227,10 +227,10 @@ def find_model_dirs(spec):
     return found
 
 
-
 def load_models(models, ctx=None, batch_size=64):
     """An Embedder for every model folder that `find_model_dirs(models)` finds."""
     return [load_model_dir(d, ctx=ctx, batch_size=batch_size) for d in find_model_dirs(models)]
+
 
 def read_image(path, image_size=112):
     """An aligned face crop as H x W x 3 uint8 RGB, resized to image_size if it is not already."""

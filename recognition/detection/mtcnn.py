@@ -513,7 +513,7 @@ class MTCNNDetector:
     def _small_levels(self, rgb, levels):
         sizes = [(hs, ws) for _, hs, ws in levels]
         places, (height, width) = pack_levels(sizes)
-        key = (tuple(sizes), tuple(places))
+        key = tuple(sizes)  # the places follow from the sizes
         mask = self._masks.get(key)
         if mask is None:
             mask = np.full((1, self.pnet.conv1.weight.shape[0], height - 2, width - 2), -1e4, np.float32)
