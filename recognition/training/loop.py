@@ -487,7 +487,8 @@ class TrainingSession:
         os.makedirs(self.run_dir, exist_ok=True)
         self.monitor = Monitor(self.log, self.global_batch, opts.frequent,
                                logdir=os.path.join(self.run_dir, 'logs') if self.chief else None,
-                               total_steps=int(opts.max_steps or 0), start_step=self.step,
+                               total_steps=int(opts.max_steps or 0) or int(opts.end_epoch) * self.steps_per_epoch,
+                               start_step=self.step,
                                show_bar=self.show_bar)
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         losses = []
