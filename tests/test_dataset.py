@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.data.dataset import FaceRecordDataset, batch_to_nchw, train_loader
+from recognition.data.dataset import _caption, FaceRecordDataset, batch_to_nchw, train_loader
 from recognition.data.record import IdentityRecordWriter
 from recognition.data.transforms import TrainTransform, sample_rng, train_transform
 from recognition.utils import UserError
@@ -186,6 +186,14 @@ def test_batches_of_float_transforms_and_the_batch_conversion(rec):
         batches = [d.asnumpy() for d, _ in train_loader(ds, 6, shuffle=False, num_workers=workers)]
         assert len(batches) == 2 and batches[0].shape == (6, 3, 112, 112) and batches[0].dtype == np.float32
         assert 0 <= batches[0].min() and batches[0].max() <= 255 and not np.all(batches[0] == np.round(batches[0]))
+
+
+def test_captions_keep_whole_names_within_the_tile(rec):
+    ds = FaceRecordDataset(rec)
+    lines = _caption(ds, ds.read_raw(8)[1], 112, 0.33)
+    assert lines == ['id 3 gender=male', 'skin_colour=dark']
+    narrow = _caption(ds, ds.read_raw(8)[1], 70, 0.33)   # no pair fits: each breaks after its '='
+    assert narrow == ['id 3', 'gender=', 'male', 'skin_colour=', 'dark']
 
 
 def test_show_record_cli(tmp_path, rec, monkeypatch):

@@ -354,15 +354,20 @@ def train_loader(dataset, batch_size, num_workers=0, shuffle=True, seed=0, ident
 
 
 def _caption(dataset, label, width, scale):
-    """Caption words (identity, then attribute=meaning) wrapped greedily to the tile width."""
+    """Caption words (identity, then attribute=meaning) wrapped greedily to the tile width; a pair too
+    wide for one line breaks after its '='."""
+    def fits(text):
+        return cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] <= width - 4
+
     words = ['id %d' % label[0]]
     for name, value in zip(dataset.attribute_names, label[2:]):
         meaning = dataset.attribute_codes.get(name, {}).get(int(value)) if float(value).is_integer() else None
-        words.append('%s=%s' % (name[:4], meaning or ('%g' % value)))
+        word = '%s=%s' % (name, meaning or ('%g' % value))
+        words += [word] if fits(word) else [name + '=', meaning or ('%g' % value)]
     lines = ['']
     for word in words:
         candidate = (lines[-1] + ' ' + word).strip()
-        if lines[-1] and cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 4:
+        if lines[-1] and (lines[-1].endswith('=') or not fits(candidate)):
             lines.append(word)
         else:
             lines[-1] = candidate
