@@ -13,7 +13,8 @@ class UserError(Exception):
 
 
 def megabytes(nbytes):
-    return f'{nbytes / 2 ** 20:.1f} MB'
+    """A size for messages: MB with one decimal, KB below 1 MB."""
+    return f'{nbytes / 2 ** 20:.1f} MB' if nbytes >= 2 ** 20 else f'{nbytes / 2 ** 10:.0f} KB'
 
 
 def _is_disk_full(error):
