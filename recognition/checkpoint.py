@@ -128,22 +128,27 @@ def load_checkpoint(prefix, epoch):
     for path in (sym_path, params_path):
         if not os.path.isfile(path):
             raise UserError(f'{path}: checkpoint file not found')
-    # The JSON is parsed here first: MXNet's reader reports a truncated file as a UnicodeDecodeError.
-    try:
-        with open(sym_path, encoding='utf-8') as f:
-            text = f.read()
-        json.loads(text)
-        sym = mx.sym.load_json(text)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise UserError(f'{sym_path}: not a valid symbol file (broken JSON: {e})') from None
-    except mx.base.MXNetError as e:
-        raise UserError(f'{sym_path}: not a valid symbol file ({mxnet_reason(e)})') from None
+    sym = load_symbol(sym_path)
     arrays = _load_arrays(params_path, 'parameter file')
     arg = {k[4:]: v for k, v in arrays.items() if k.startswith('arg:')}
     aux = {k[4:]: v for k, v in arrays.items() if k.startswith('aux:')}
     if not arg and not aux:
         raise UserError(f'{params_path}: no arg:/aux: parameters in the file (not a checkpoint)')
     return sym, arg, aux
+
+
+def load_symbol(path):
+    """`mx.sym.load` with a one-line error naming `path`. The JSON is parsed here first: MXNet's reader
+    reports a truncated file as a UnicodeDecodeError."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        json.loads(text)
+        return mx.sym.load_json(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f'{path}: not a valid symbol file (broken JSON: {e})') from None
+    except mx.base.MXNetError as e:
+        raise UserError(f'{path}: not a valid symbol file ({mxnet_reason(e)})') from None
 
 
 def _load_arrays(path, what):
@@ -153,6 +158,8 @@ def _load_arrays(path, what):
     except mx.base.MXNetError as e:
         raise UserError(f'{path}: not a valid {what} ({mxnet_reason(e)}; truncated or not written by '
                         f'MXNet)') from None
+    if arrays == []:   # what mx.nd.save writes for an empty dict (an optimizer before its first step)
+        return {}
     if not isinstance(arrays, dict):
         raise UserError(f'{path}: not a valid {what} (arrays without names)')
     return arrays

@@ -177,6 +177,17 @@ def test_resume_is_bit_identical(data_dir, tmp_path, ctx):
         np.testing.assert_array_equal(got[key].asnumpy(), want[key].asnumpy(), err_msg=key)
 
 
+def test_snapshot_before_the_first_step_resumes(data_dir, tmp_path):
+    """A run stopped before any update saves an optimizer without state; resuming it starts cleanly."""
+    first = session(make_opts(data_dir, tmp_path, max_steps=2))
+    first.save_resume()
+    first.close()
+    assert mx.nd.load(os.path.join(first.run_dir, 'model-resume-00000000.states')) == []
+    resumed = session(make_opts(data_dir, tmp_path, max_steps=2, resume=True))
+    assert resumed.step == 0
+    assert resumed.run()['step'] == 2
+
+
 def test_second_run_on_one_folder_is_refused(base_run, data_dir, tmp_path):
     """The first run is paused while holding the lock; the second is refused and the first finishes."""
     first = subprocess.Popen(train_cmd(data_dir, tmp_path, steps=4), stdout=subprocess.PIPE,

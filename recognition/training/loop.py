@@ -565,8 +565,12 @@ class TrainingSession:
             for s, h in old.items():
                 signal.signal(s, h)
             self.monitor.close()
-            self._lock.close()
+            self.close()
         return self._summary(losses, verify_results)
+
+    def close(self):
+        """Release the run folder's lock (`run` does when it ends; for a session that is not run)."""
+        self._lock.close()
 
     def _summary(self, losses, verify_results, interrupted=None):
         return {'step': self.step, 'epoch': self.epoch, 'losses': losses, 'verification': verify_results,
