@@ -24,6 +24,8 @@ from .utils import UserError, atomic_open, atomic_path, ensure_free_space, read_
 EMBEDDING = 'fc1'
 # The resume snapshot's optimizer-state format: NDArrays in `.states` plus JSON in the resume record.
 OPTIMIZER_FORMAT = 'ndarray-v1'
+META_KEYS = ('optimizer', 'params', 'updaters', 'num_update', 'begin_num_update', 'update_counts', 'lr', 'wd',
+             'momentum', 'rescale_grad')
 LABEL = 'softmax_label'
 
 
@@ -294,21 +296,23 @@ def optimizer_state(trainer):
 
 def restore_optimizer(trainer, meta, arrays, where):
     """Put a state saved by `optimizer_state` back into `trainer` (exactly: a resumed run repeats a
-    straight one). A run with another device count gets device 0's state on every device: the devices
-    hold identical copies. `where` names the file in errors."""
+    straight one), with the snapshot's lr, wd and momentum as MXNet's `load_states` did. A run with
+    another device count gets device 0's state on every device: the devices hold identical copies.
+    `where` names the file in errors."""
     opt = trainer._optimizer
     names = [p.name for p in trainer._params]
     if meta['optimizer'] != type(opt).__name__:
         raise UserError(f'{where}: optimizer state of {meta["optimizer"]}, this run uses {type(opt).__name__}')
     if meta['params'] != names:
-        changed = next((a for a, b in zip(meta['params'] + [None] * len(names), names) if a != b), None)
-        raise UserError(f'{where}: saved for other trainable parameters ({len(meta["params"])} vs {len(names)}'
-                        f'{", first difference " + str(changed) if changed else ""}): resume needs the same '
-                        f'network and --freeze-block')
+        differ = sorted(set(meta['params']) ^ set(names)) or ['their order']
+        raise UserError(f'{where}: saved for other trainable parameters ({len(meta["params"])} there, '
+                        f'{len(names)} here; {differ[0]} differs): resume needs the same network and '
+                        f'--freeze-block')
     updaters = _updaters(trainer)
     saved = meta['updaters']
     for u, upd in enumerate(updaters):
-        upd.states = {idx: _decode_state(layout, arrays) for idx, layout in saved[u if len(saved) == len(updaters) else 0]}
+        mine = saved[u] if len(saved) == len(updaters) else saved[0]
+        upd.states = {idx: _decode_state(layout, arrays) for idx, layout in mine}
         # The updater moves each state to its weight's device at its first update (as set_states does).
         upd.states_synced = dict.fromkeys(upd.states, False)
     opt.num_update, opt.begin_num_update = meta['num_update'], meta['begin_num_update']
@@ -386,14 +390,15 @@ def load_resume(prefix, params):
     if states is not None:
         with open(states, 'rb') as f:
             if f.read(1) == b'\x80':
-                raise UserError(f'{states}: is a pickle, which --resume refuses to load (it can run code)')
-        opt_arrays = _load_arrays(states, 'optimizer state') if os.path.getsize(states) else None
-        if opt_arrays is None:
-            raise UserError(f'{states}: empty optimizer state file (truncated)')
+                raise UserError(f'{states}: a pickle, which --resume refuses to load (unpickling can run code)')
+        opt_arrays = _load_arrays(states, 'optimizer state')
         try:
             needed = {key for layouts in meta['updaters'] for _, layout in layouts for key in _state_keys(layout)}
+            missing_keys = [k for k in META_KEYS if k not in meta]
         except (KeyError, TypeError, ValueError):
-            raise UserError(f'{path}: malformed "optimizer" record') from None
+            missing_keys = ['updaters']
+        if missing_keys:
+            raise UserError(f'{path}: malformed "optimizer" record (no valid {missing_keys[0]})')
         if needed - set(opt_arrays):
             raise UserError(f'{states}: lacks the array {sorted(needed - set(opt_arrays))[0]} that {path} names '
                             f'(truncated or from another snapshot)')
@@ -410,8 +415,8 @@ def load_resume(prefix, params):
 
 
 def _nbytes(arrays):
-    """Bytes `mx.nd.save` needs for `arrays`, without its small per-array headers."""
-    return sum(a.size * np.dtype(a.dtype).itemsize for a in arrays.values())
+    """Bytes `mx.nd.save` needs for `arrays` (data, and a bound on each array's name and shape header)."""
+    return sum(a.size * np.dtype(a.dtype).itemsize + 256 for a in arrays.values())
 
 
 def _state_keys(layout):

@@ -29,7 +29,7 @@ def _pid_alive(pid):
 
 
 def _read_owner(lock_path):
-    """The owner record of a lock file, or None when it vanished or holds no record (killed mid-write)."""
+    """The owner record of a lock file; None when the file vanished, {} when it holds no valid record."""
     try:
         with open(lock_path) as f:
             owner = json.load(f)
@@ -37,7 +37,8 @@ def _read_owner(lock_path):
         return None
     except (OSError, ValueError):
         return {}
-    return owner if isinstance(owner, dict) else {}
+    valid = isinstance(owner, dict) and isinstance(owner.get('pid'), int) and owner['pid'] > 0
+    return owner if valid else {}
 
 
 def _is_stale(owner, lock_path):
@@ -48,7 +49,7 @@ def _is_stale(owner, lock_path):
             return time.time() - os.path.getmtime(lock_path) > UNWRITTEN_GRACE
         except FileNotFoundError:
             return True
-    return owner.get('host') == socket.gethostname() and not _pid_alive(int(owner.get('pid', -1)))
+    return owner.get('host') == socket.gethostname() and not _pid_alive(owner['pid'])
 
 
 def _try_create(lock_path, record):

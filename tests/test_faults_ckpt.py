@@ -151,10 +151,25 @@ def test_truncated_states_names_the_file(base_run, data_dir, tmp_path):
     assert_unchanged(before, run_dir)
 
 
-@pytest.mark.parametrize('ctx', ['cpu:1', 'cpu:2'])
-def test_resume_is_bit_identical(data_dir, tmp_path, ctx):
-    """3 steps + resume 3 == 6 straight, to the bit, on one context and on two (one updater per device,
-    or the kvstore's), momentum included."""
+def test_malformed_or_mismatched_optimizer_record(base_run, tmp_path):
+    run_dir = copy_run(base_run, tmp_path)
+    resume = run_dir / 'model-resume.json'
+    record = json.loads(resume.read_text())
+    broken = dict(record, optimizer={k: v for k, v in record['optimizer'].items() if k != 'num_update'})
+    resume.write_text(json.dumps(broken))
+    with pytest.raises(UserError, match=rf'^{resume}: malformed "optimizer" record \(no valid num_update\)$'):
+        checkpoint.load_resume(str(run_dir / 'model'), {})
+    named = dict(record, optimizer=dict(record['optimizer'], updaters=[[[0, '0:999']]]))
+    resume.write_text(json.dumps(named))
+    with pytest.raises(UserError, match=r'model-resume-00000002\.states: lacks the array 0:999 that '):
+        checkpoint.load_resume(str(run_dir / 'model'), {})
+
+
+@pytest.mark.parametrize('ctx, on_kvstore, updaters', [('cpu:1', '1', 1), ('cpu:2', '1', 1), ('cpu:2', '0', 2)])
+def test_resume_is_bit_identical(data_dir, tmp_path, monkeypatch, ctx, on_kvstore, updaters):
+    """3 steps + resume 3 == 6 straight, to the bit, momentum included: on one context, on two with the
+    kvstore updating, and on two with one Gluon updater per device (as dist_sync workers update)."""
+    monkeypatch.setenv('MXNET_UPDATE_ON_KVSTORE', on_kvstore)
     per = 16 if ctx == 'cpu:1' else 8
     mx.random.seed(1)
     straight = session(make_opts(data_dir, tmp_path / 's', max_steps=6, ctx=ctx, per_batch_size=per))
@@ -170,8 +185,9 @@ def test_resume_is_bit_identical(data_dir, tmp_path, ctx):
     a, b = params_of(straight), params_of(resumed)
     for name in a:
         np.testing.assert_array_equal(b[name], a[name], err_msg=name)
-    want, _ = checkpoint.optimizer_state(straight.trainer)
+    want, meta = checkpoint.optimizer_state(straight.trainer)
     got, _ = checkpoint.optimizer_state(resumed.trainer)
+    assert len(meta['updaters']) == updaters and meta['num_update'] == 6
     assert sorted(want) == sorted(got) and want
     for key in want:
         np.testing.assert_array_equal(got[key].asnumpy(), want[key].asnumpy(), err_msg=key)
