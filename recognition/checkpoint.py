@@ -343,15 +343,21 @@ def save_resume(prefix, params, trainer, state):
     arrays = {name: _first_array(p) for name, p in params.items()}
     opt_arrays, opt_meta = optimizer_state(trainer) if trainer is not None else ({}, None)
     ensure_free_space(base + '.params', _nbytes(arrays) + _nbytes(opt_arrays))
-    with atomic_path(base + '.params') as tmp:
-        mx.nd.save(tmp, arrays)
-    if trainer is not None:
-        with atomic_path(base + '.states') as tmp:
-            mx.nd.save(tmp, opt_arrays)
-    record = dict(state, params=os.path.basename(base + '.params'),
-                  states=os.path.basename(base + '.states') if trainer is not None else None,
-                  optimizer=opt_meta)
-    write_json(resume_file(prefix), record)
+    files = {base + '.params': arrays, **({base + '.states': opt_arrays} if trainer is not None else {})}
+    # A failed save removes the files it added, so no orphan stays beside the previous snapshot.
+    added = [path for path in files if not os.path.exists(path)]
+    try:
+        for path, content in files.items():
+            with atomic_path(path) as tmp:
+                mx.nd.save(tmp, content)
+        record = dict(state, params=os.path.basename(base + '.params'),
+                      states=os.path.basename(base + '.states') if trainer is not None else None,
+                      optimizer=opt_meta)
+        write_json(resume_file(prefix), record)
+    except BaseException:
+        for path in added:
+            _remove_if_present(path)
+        raise
     keep = {base + '.params', base + '.states'}
     for old in glob.glob(glob.escape(prefix) + '-resume-*.*'):
         if old not in keep and old.endswith(('.params', '.states')):

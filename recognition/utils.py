@@ -12,7 +12,7 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line naming the file, never as a traceback."""
 
 
-def megabytes(nbytes):
+def _human_size(nbytes):
     """A size for messages: MB with one decimal, KB below 1 MB."""
     return f'{nbytes / 2 ** 20:.1f} MB' if nbytes >= 2 ** 20 else f'{nbytes / 2 ** 10:.0f} KB'
 
@@ -31,8 +31,8 @@ def ensure_free_space(path, nbytes, margin=1 << 16):
     os.makedirs(folder, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < nbytes + margin:
-        raise UserError(f'{path}: not enough free space ({megabytes(nbytes + margin)} needed, '
-                        f'{megabytes(free)} free in {folder})')
+        raise UserError(f'{path}: not enough free space ({_human_size(nbytes + margin)} needed, '
+                        f'{_human_size(free)} free in {folder})')
 
 
 @contextlib.contextmanager
@@ -60,7 +60,7 @@ def atomic_path(path):
             raise
         written = os.path.getsize(tmp) if tmp and os.path.exists(tmp) else 0
         had = shutil.disk_usage(folder).free + written
-        raise UserError(f'{path}: disk full (needs more than the {megabytes(had)} that were free in {folder}; '
+        raise UserError(f'{path}: disk full (needs more than the {_human_size(had)} that were free in {folder}; '
                         f'free some space and run again)') from None
     finally:
         if tmp and os.path.exists(tmp):

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from recognition.align import REPORT_NAME
+from recognition.align import REPORT_NAME, align_folder
 from recognition.evaluation.ensemble import FUSIONS, predict, read_pairs_csv
 from recognition.inference import find_model_dirs, load_model_dir, template_images
 from recognition.utils import UserError, parse_contexts, run_cli
@@ -52,7 +52,6 @@ def align(args):
     Images listed in --landmarks are warped from their points; the others go through MTCNN and the
     alignment module's fallbacks.
     """
-    from recognition.align import align_folder
     out_dir = args.aligned_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'aligned')
     rows = align_folder(args.images, out_dir, image_size=112, landmarks=args.landmarks or None,
                         num_workers=args.workers, skip_existing=True)

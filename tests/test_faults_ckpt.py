@@ -274,6 +274,31 @@ def test_pruning_tolerates_a_vanished_snapshot(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ['model-resume-00000002.params', 'model-resume.json']
 
 
+def test_failed_snapshot_leaves_no_orphan(tmp_path, monkeypatch):
+    """The disk fills while the optimizer state is written: the new parameter file goes too, and the
+    previous snapshot is byte-identical."""
+    param = mx.gluon.Parameter('w', shape=(3,))
+    param.initialize(mx.init.One())
+    trainer = mx.gluon.Trainer({'w': param}, 'sgd', {'learning_rate': 0.1, 'momentum': 0.9})
+    with mx.autograd.record():
+        loss = (param.data() * 2).sum()
+    loss.backward()
+    trainer.step(1)
+    prefix = str(tmp_path / 'model')
+    checkpoint.save_resume(prefix, {'w': param}, trainer, {'step': 1})
+    before = folder_bytes(tmp_path)
+    real_save = mx.nd.save
+
+    def full_at_states(path, data):
+        if '.states' in path:
+            raise mx.base.MXNetError('FileStream.Write incomplete')
+        real_save(path, data)
+    monkeypatch.setattr(checkpoint.mx.nd, 'save', full_at_states)
+    with pytest.raises(UserError, match=r'model-resume-00000002\.states: disk full'):
+        checkpoint.save_resume(prefix, {'w': param}, trainer, {'step': 2})
+    assert folder_bytes(tmp_path) == before
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 16 MB tmpfs (root only); skipped where mounting is not allowed."""
