@@ -388,7 +388,8 @@ def load_resume(prefix, params):
         raise UserError(f'{states}: optimizer state named by {path} is missing')
     if states is not None and (not isinstance(meta, dict) or meta.get('format') != OPTIMIZER_FORMAT):
         raise UserError(f'{states}: optimizer state in an old or unknown format (MXNet\'s pickled '
-                        f'save_states?), which --resume refuses: loading a pickle can run code')
+                        f'save_states?), which --resume refuses since loading a pickle can run code; continue '
+                        f'from the run\'s checkpoint with --pretrained instead')
     if not os.path.isfile(params_path):
         raise UserError(f'{params_path}: parameters named by {path} are missing')
     arrays = _load_arrays(params_path, 'resume parameter file')
