@@ -10,6 +10,7 @@ resume snapshot. `--resume` restores parameters, optimizer state, step, schedule
 masks are drawn from a generator reseeded from (seed, step) every step, so a resumed run repeats exactly
 the steps a straight run would have taken.
 """
+import contextlib
 import glob
 import math
 import os
@@ -21,6 +22,7 @@ import time
 import numpy as np
 
 from .. import checkpoint
+from ..locking import folder_lock
 from ..utils import UserError
 from . import kvstore as kvstore_setup
 from .monitor import Monitor, get_logger
@@ -126,6 +128,19 @@ class TrainingSession:
         self.chief = self.topology.is_chief
         self.run_dir = run_folder(opts)
         self.prefix = os.path.join(self.run_dir, 'model')
+        # One run per run folder: a second would prune this one's snapshots and interleave train.log.
+        self._lock = contextlib.ExitStack()
+        if self.chief:
+            self._lock.enter_context(folder_lock(self.run_dir, 'training run'))
+        try:
+            self._build(net, head, dataset)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _build(self, net, head, dataset):
+        """The rest of `__init__`, under the run-folder lock."""
+        mx, opts = self.mx, self.opts
         self.show_bar = opts.get('progress_bar')
         if self.show_bar is None:
             self.show_bar = sys.stdout.isatty()
@@ -320,7 +335,8 @@ class TrainingSession:
         self.plateau.load_state_dict(state['plateau'])
         self._join_kvstore()
         if state['states'] and not self.topology.server_updates:
-            self.trainer.load_states(state['states'])
+            checkpoint.restore_optimizer(self.trainer, state['optimizer'], state['optimizer_arrays'],
+                                         state['states'])
         # With dist_async the optimizer's update count drives the schedule on the servers (ServerSchedule);
         # it is sent there at the first step, so starting it at the resumed step resumes the schedule too.
         self.trainer.optimizer.begin_num_update = self.trainer.optimizer.num_update = self.step
@@ -550,7 +566,12 @@ class TrainingSession:
             for s, h in old.items():
                 signal.signal(s, h)
             self.monitor.close()
+            self.close()
         return self._summary(losses, verify_results)
+
+    def close(self):
+        """Release the run folder's lock (`run` does when it ends; for a session that is not run)."""
+        self._lock.close()
 
     def _summary(self, losses, verify_results, interrupted=None):
         return {'step': self.step, 'epoch': self.epoch, 'losses': losses, 'verification': verify_results,
