@@ -147,8 +147,8 @@ def load_pairs(predictions, ground_truth, metadata):
         order = np.array([lookup.get((a, b), -1) for a, b in zip(g1, g2)], dtype=np.int64)
         if (order < 0).any():
             first = int(np.nonzero(order < 0)[0][0])
-            raise UserError(f'{predictions}: {int((order < 0).sum())} ground-truth pairs (of {len(g1)}) have '
-                            f'no prediction (first: {g1[first]},{g2[first]})')
+            raise UserError(f'{predictions}: {int((order < 0).sum())} ground-truth pairs have no prediction '
+                            f'(of {len(g1)}; first: {g1[first]},{g2[first]})')
         extra = len(p1) - len(order)
         if extra:
             log.warning('%s: %d predicted pairs are not in %s; left out', predictions, extra, ground_truth)
