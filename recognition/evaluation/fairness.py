@@ -170,8 +170,10 @@ def tar_at_far(fpr, tpr, far):
 
 
 def eer(scores, labels, roc=None):
-    """(equal error rate, its threshold): where FMR and FNMR cross on the ROC."""
-    fpr, tpr, thr = roc if roc is not None else Ranked(scores, labels).roc()
+    """(equal error rate, its threshold): where FMR and FNMR cross, searched over every operating point
+    (`roc` from `Ranked.roc(drop_intermediate=False)`): a curve reduced to its corners can lack the
+    thresholds where they meet."""
+    fpr, tpr, thr = roc if roc is not None else Ranked(scores, labels).roc(drop_intermediate=False)
     fnr = 1.0 - tpr
     i = int(np.argmin(np.abs(fnr - fpr)))
     return float((fpr[i] + fnr[i]) / 2.0), float(thr[i])
@@ -203,17 +205,17 @@ def normalised_ranks(scores):
     return out
 
 
-def roc_from_sorted(labels_desc, scores_desc):
+def roc_from_sorted(labels_desc, scores_desc, drop_intermediate=True):
     """(fpr, tpr, thresholds) of labels and scores already sorted by score descending.
 
-    The same curve as sklearn's roc_curve (drop_intermediate=True, a first threshold at inf), without
+    The same curve as sklearn's roc_curve (with its drop_intermediate, a first threshold at inf), without
     its sort, so the whole evaluation shares one sort of the scores.
     """
     idx = np.r_[np.nonzero(scores_desc[1:] != scores_desc[:-1])[0], len(scores_desc) - 1]
     tps = np.cumsum(labels_desc, dtype=np.int64)[idx]
     fps = idx + 1 - tps
     thr = scores_desc[idx]
-    if len(fps) > 2:
+    if drop_intermediate and len(fps) > 2:
         corner = np.nonzero(np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True])[0]
         fps, tps, thr = fps[corner], tps[corner], thr[corner]
     fps, tps = np.r_[0, fps], np.r_[0, tps]
@@ -233,12 +235,12 @@ class Ranked:
         self.scores = scores[self.order]
         self.labels = labels[self.order]
 
-    def roc(self, keep=None):
+    def roc(self, keep=None, drop_intermediate=True):
         """ROC of all pairs, or of those where the boolean mask `keep` (in pair order) is set."""
         if keep is None:
-            return roc_from_sorted(self.labels, self.scores)
+            return roc_from_sorted(self.labels, self.scores, drop_intermediate)
         sel = keep[self.order]
-        return roc_from_sorted(self.labels[sel], self.scores[sel])
+        return roc_from_sorted(self.labels[sel], self.scores[sel], drop_intermediate)
 
     def shares(self):
         """Per pair (pair order): the share of positive pairs scoring higher and the share of negative pairs
@@ -469,7 +471,7 @@ def evaluate_pairs(pairs):
     ranked = Ranked(scores, labels)
     roc = ranked.roc()
     fpr, tpr, _ = roc
-    eer_value, eer_thr = eer(scores, labels, roc)
+    eer_value, eer_thr = eer(scores, labels, ranked.roc(drop_intermediate=False))
     thresholds = {'fmr_1e-3': fmr_threshold(scores, labels, impostors_desc=ranked.scores[~ranked.labels]),
                   'eer': eer_thr}
     result = {
