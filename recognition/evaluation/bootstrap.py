@@ -34,31 +34,30 @@ RULE = ('identities resampled with replacement (n of n); a pair of two identitie
 
 
 def subject_counts(n_subjects, seed, first, count):
-    """(n_subjects + 1, count) identity counts of replicates first..first+count-1; the last row is 1
+    """(count, n_subjects + 1) identity counts of replicates first..first+count-1; the last column is 1
     (the second factor of a pair within one identity)."""
-    counts = np.ones((n_subjects + 1, count))
+    counts = np.ones((count, n_subjects + 1), dtype=np.float32)
     p = np.full(n_subjects, 1.0 / n_subjects)
     for j in range(count):
-        counts[:-1, j] = np.random.default_rng([seed, first + j]).multinomial(n_subjects, p)
+        counts[j, :-1] = np.random.default_rng([seed, first + j]).multinomial(n_subjects, p)
     return counts
 
 
 def _spread(values):
     """max - min over the columns with a value, per row (NaN with fewer than two)."""
-    ok = np.isfinite(values).sum(axis=1) >= 2
-    with np.errstate(invalid='ignore'):
-        out = np.nanmax(np.where(np.isfinite(values), values, -np.inf), axis=1) \
-            - np.nanmin(np.where(np.isfinite(values), values, np.inf), axis=1)
-    return np.where(ok, out, np.nan)
+    finite = np.isfinite(values)
+    hi = np.max(np.where(finite, values, -np.inf), axis=1)
+    lo = np.min(np.where(finite, values, np.inf), axis=1)
+    return np.where(finite.sum(axis=1) >= 2, hi - lo, np.nan)
 
 
 def _ratio(values):
     """max / min over the columns with a value, per row (NaN with fewer than two or a zero minimum)."""
-    ok = np.isfinite(values).sum(axis=1) >= 2
-    hi = np.max(np.where(np.isfinite(values), values, -np.inf), axis=1)
-    lo = np.min(np.where(np.isfinite(values), values, np.inf), axis=1)
-    with np.errstate(invalid='ignore', divide='ignore'):
-        return np.where(ok & (lo > 0), hi / np.where(lo > 0, lo, 1), np.nan)
+    finite = np.isfinite(values)
+    hi = np.max(np.where(finite, values, -np.inf), axis=1)
+    lo = np.min(np.where(finite, values, np.inf), axis=1)
+    ok = (finite.sum(axis=1) >= 2) & (lo > 0)
+    return np.where(ok, hi / np.where(ok, lo, 1), np.nan)
 
 
 def _divide(a, b):
@@ -66,8 +65,40 @@ def _divide(a, b):
         return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
 
 
+def _row_dots(a, b):
+    """Row-wise dot products of two integer matrices, in float64."""
+    return np.einsum('rp,rp->r', a, b, dtype=np.float64, casting='safe')
+
+
+def _row_sums(a):
+    return a.sum(axis=1, dtype=np.float64)
+
+
+def distinct_rows(columns):
+    """(dense id of each row's distinct combination of the integer columns (values >= -1), number of ids,
+    index of one row per id), by re-indexing column after column (no sort of whole rows)."""
+    ids, top = np.zeros(len(columns[0]), dtype=np.int64), 1
+    for c in columns:
+        radix = int(c.max()) + 2 if len(c) else 1
+        if top * radix >= 2 ** 62:  # re-index densely before the mixed-radix code could overflow
+            _, ids = np.unique(ids, return_inverse=True)
+            ids, top = ids.reshape(-1), int(ids.max()) + 1
+        ids, top = ids * radix + (c + 1), top * radix
+    _, ids = np.unique(ids, return_inverse=True)
+    ids = ids.reshape(-1)
+    n = int(ids.max()) + 1 if len(ids) else 0
+    first = np.zeros(n, dtype=np.int64)
+    first[ids[::-1]] = np.arange(len(ids))[::-1]
+    return ids, n, first
+
+
 class WeightedEvaluation:
-    """The measures of `fairness.evaluate_pairs` for many weightings of the pairs at once."""
+    """The measures of `fairness.evaluate_pairs` for many weightings of the pairs at once.
+
+    Arrays are (replicates, pairs in score order) of integers: weights are products of identity counts,
+    ties count half, so every per-pair quantity is kept doubled and exact (int32 while it cannot
+    overflow: its cumulative sums run several times faster than float ones); sums over pairs are float64.
+    """
 
     def __init__(self, pairs):
         if pairs.subjects is None:
@@ -77,24 +108,27 @@ class WeightedEvaluation:
         ranked = Ranked(pairs.scores, pairs.labels)
         order = ranked.order
         n = len(order)
+        self.dtype = np.int32 if n < 2 ** 21 else np.int64  # doubled products of weights and their sums
         s1, s2, self.n_subjects = pairs.subjects
         self.s1 = s1[order]
         self.s2 = np.where(s2[order] == self.s1, self.n_subjects, s2[order])
         self.pos = ranked.labels
+        self.pos_w = self.pos.astype(self.dtype)
         desc = ranked.scores
         self.starts = np.r_[0, np.nonzero(desc[1:] != desc[:-1])[0] + 1]
         self.ties = len(self.starts) < n
-        self.block = np.repeat(np.arange(len(self.starts)), np.diff(np.r_[self.starts, n]))
+        self.block_end = np.r_[self.starts[1:], n]  # pairs passing a threshold at block b: [:block_end[b]]
+        self.block = np.repeat(np.arange(len(self.starts)), np.diff(np.r_[self.starts, n])) if self.ties else None
         self.groups = {attr: g[order] for attr, g in pairs.groups.items()}
         cells, self.combo_names = legitimate_cells(pairs)
-        cells = cells[order]
-        self._memberships(cells)
+        self._memberships(cells[order])
         self._group_orders(desc)
         self._designs(order)
-        self.aggregate = sparse.vstack([self.key_sum] + [d['sum'] for d in self.design.values()]).tocsr()
+        self._super_keys()
+        self._buffers = {}
 
     def _memberships(self, cells):
-        """Group sums through the distinct memberships: pairs -> keys (one each) -> columns."""
+        """Each pair's key: its polarity, groups and (d) cells; keys -> the columns they add to."""
         pos = self.pos.astype(np.int64)
         slots, self.offset, width = [pos], {}, 2
         n_combos = len(self.combo_names)
@@ -106,15 +140,12 @@ class WeightedEvaluation:
             self.offset[attr, 'cell'] = width
             slots.append(np.where((g >= 0) & (cells >= 0), width + (cells * k + g) * 2 + pos, -1))
             width += 2 * k * n_combos
-        member = np.stack(slots, axis=1)
-        keys, inverse = np.unique(member, axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        n = len(self.pos)
-        self.key_sum = sparse.csr_matrix((np.ones(n), (inverse, np.arange(n))), shape=(len(keys), n))
+        self.key, _, first = distinct_rows(slots)
+        keys = np.stack(slots, axis=1)[first]
         rows, cols = np.nonzero(keys >= 0)
-        self.key_columns = sparse.csr_matrix((np.ones(len(rows)), (keys[rows, cols], rows)),
-                                             shape=(width, len(keys)))
-        count = self.key_columns @ np.bincount(inverse, minlength=len(keys)).astype(np.float64)
+        self.key_columns = sparse.csr_matrix((np.ones(len(rows)), (rows, keys[rows, cols])),
+                                             shape=(len(keys), width))
+        count = np.bincount(self.key, minlength=len(keys)) @ self.key_columns
         # (d) compares groups on the legitimate combinations where every group has cells (fairness._cell_bias)
         self.complete = {}
         for attr, names in ATTRIBUTES.items():
@@ -123,7 +154,7 @@ class WeightedEvaluation:
             for _, positive in POLARITIES:
                 self.complete[attr, positive] = np.nonzero((c[:, :, int(positive)] > 0).all(axis=1))[0]
 
-    def column(self, attr, kind, positive, group=None):
+    def column(self, attr, kind, positive):
         """Column indices of `kind` ('group' or 'cell') sums of one polarity: (groups,) or (combos, groups)."""
         k = len(ATTRIBUTES[attr])
         off = self.offset[attr, kind] + int(positive)
@@ -139,118 +170,192 @@ class WeightedEvaluation:
             perm = np.nonzero(g >= 0)[0]
             perm = perm[np.argsort(g[perm], kind='stable')]
             gs, sc = g[perm], desc[perm]
-            starts = np.r_[0, np.nonzero((gs[1:] != gs[:-1]) | (sc[1:] != sc[:-1]))[0] + 1] if len(perm) else \
-                np.zeros(0, dtype=np.int64)
-            block_group = gs[starts]
-            seg = np.r_[0, np.nonzero(np.diff(block_group))[0] + 1] if len(starts) else np.zeros(0, np.int64)
-            self.order_by_group[attr] = {'perm': perm, 'pos': self.pos[perm][:, None], 'starts': starts,
-                                         'ties': len(starts) < len(perm), 'segments': seg,
-                                         'segment_group': block_group[seg]}
+            starts = np.r_[0, np.nonzero((gs[1:] != gs[:-1]) | (sc[1:] != sc[:-1]))[0] + 1]
+            bounds = np.r_[0, np.nonzero(gs[1:] != gs[:-1])[0] + 1, len(perm)] if len(perm) else np.zeros(1, int)
+            self.order_by_group[attr] = {
+                'perm': perm, 'pos': self.pos_w[perm], 'n': len(perm),
+                'starts': starts if len(starts) < len(perm) else None,
+                'bounds': bounds, 'segment_group': gs[bounds[:-1]] if len(perm) else np.zeros(0, int)}
 
     def _designs(self, order):
         """(b): the design of `rank ~ group + legitimate levels` per attribute and polarity (the columns
         `fairness.adjusted_group_effects` keeps), reduced to its distinct rows."""
         self.design = {}
-        row0 = len(self.key_sum.indptr) - 1
+        self.design_row = {}
         for attr, names in ATTRIBUTES.items():
+            row = np.full(len(self.pos), -1, dtype=np.int64)
+            n_rows = 0
             for _, positive in POLARITIES:
                 sel = np.nonzero((self.pos == positive) & (self.groups[attr] >= 0))[0]
                 g = self.groups[attr][sel]
                 present = np.nonzero(np.bincount(g, minlength=len(names)) > 0)[0]
                 if len(present) < 2:
                     continue
-                L, spans, _ = legitimate_counts(self.pairs, order[sel])
-                total = L.sum(axis=0)
+                # rows with the same group and the same (unordered) levels of both images are equal
+                rows_in_pairs = order[sel]
+                codes, total = [g], []
+                for l1, l2, levels_ in self.pairs.legitimate.values():
+                    a, b = l1[rows_in_pairs], l2[rows_in_pairs]
+                    codes.append(np.minimum(a, b) * len(levels_) + np.maximum(a, b))
+                    total.append(np.bincount(np.r_[a, b], minlength=len(levels_)))
+                total = np.concatenate(total) if total else np.zeros(0)
+                inverse, _, first = distinct_rows(codes)
+                L, spans, _ = legitimate_counts(self.pairs, rows_in_pairs[first])
                 levels = [j for _, off, n in spans for j in [off + i for i in range(n) if total[off + i] > 0][1:]]
-                onehot = (g[:, None] == present[None, :])
-                X = np.hstack([onehot, L[:, levels]]).astype(np.uint8)
-                rows, inverse = np.unique(X, axis=0, return_inverse=True)
-                inverse = inverse.reshape(-1)
-                q = X.shape[1]
-                upper = np.triu_indices(q)
-                rows = rows.astype(np.float64)
+                rows = np.hstack([g[first][:, None] == present[None, :], L[:, levels]]).astype(np.float64)
+                row[sel] = n_rows + inverse
+                upper = np.triu_indices(rows.shape[1])
                 self.design[attr, positive] = {
-                    'present': present, 'rows': rows, 'q': q, 'upper': upper,
-                    'products': rows[:, upper[0]] * rows[:, upper[1]], 'first': row0,
-                    'sum': sparse.csr_matrix((np.ones(len(sel)), (inverse, sel)),
-                                             shape=(len(rows), len(self.pos)))}
-                row0 += len(rows)
+                    'present': present, 'rows': rows, 'upper': upper, 'span': (n_rows, n_rows + len(rows)),
+                    'products': rows[:, upper[0]] * rows[:, upper[1]]}
+                n_rows += len(rows)
+            self.design_row[attr] = (row, n_rows)
 
-    def weights(self, counts):
-        """(pairs in score order, replicates) weights from identity counts (n_subjects + 1, replicates)."""
-        return counts[self.s1] * counts[self.s2]
+    def _super_keys(self):
+        """One index per pair for its key and its three design rows: a single sparse sum serves them all."""
+        parts = [self.key] + [self.design_row[attr][0] for attr in ATTRIBUTES]
+        self.super_index, self.n_super, first = distinct_rows(parts)
+        combos = np.stack(parts, axis=1)[first]
+        ones = np.ones(len(combos))
+        self.super_key = sparse.csr_matrix((ones, (np.arange(len(combos)), combos[:, 0])),
+                                           shape=(len(combos), self.key_columns.shape[0]))
+        self.super_columns = (self.super_key @ self.key_columns).tocsr()
+        self.super_design = {}
+        for j, attr in enumerate(ATTRIBUTES):
+            ok = combos[:, j + 1] >= 0
+            self.super_design[attr] = sparse.csr_matrix(
+                (ones[ok], (np.nonzero(ok)[0], combos[ok, j + 1])), shape=(len(combos), self.design_row[attr][1]))
 
-    def measures(self, W):
-        """{path: (replicates,) values} of every bootstrapped number for the weight matrix W."""
-        out = {}
-        pos = self.pos[:, None]
-        Wp = W * pos
-        Wn = W - Wp
+    def _buffer(self, name, rows, cols):
+        """A reused (rows, cols) work array: fresh arrays of this size cost more in page faults than in
+        arithmetic."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+            buf = self._buffers[name] = np.empty((rows, cols), dtype=self.dtype)
+        return buf[:rows]
+
+    def _sums(self, V):
+        """(replicates, super keys) float64 sums of V's pairs."""
+        return np.stack([np.bincount(self.super_index, weights=v, minlength=self.n_super) for v in V])
+
+    def measures(self, counts):
+        """{path: (replicates,) values} of every bootstrapped number under identity counts
+        (replicates, n_subjects + 1)."""
+        counts = counts.astype(self.dtype)
+        R, n = counts.shape[0], len(self.pos)
+        W = self._buffer('w', R, n)
+        for r in range(R):
+            np.multiply(counts[r][self.s1], counts[r][self.s2], out=W[r])
+        Wp = np.multiply(W, self.pos_w, out=self._buffer('wp', R, n))
+        Wn = np.subtract(W, Wp, out=self._buffer('wn', R, n))
         if self.ties:
-            Wp, Wn = np.add.reduceat(Wp, self.starts, axis=0), np.add.reduceat(Wn, self.starts, axis=0)
-        cum_p, cum_n = np.cumsum(Wp, axis=0), np.cumsum(Wn, axis=0)
-        tot_p, tot_n = cum_p[-1], cum_n[-1]
-        above = cum_p - Wp / 2          # positive weight above each block, ties half
-        below = tot_n - cum_n + Wn / 2  # negative weight below each block, ties half
-        del Wp, Wn
+            Wp, Wn = np.add.reduceat(Wp, self.starts, axis=1), np.add.reduceat(Wn, self.starts, axis=1)
+        nb = Wp.shape[1]
+        cum_p = np.cumsum(Wp, axis=1, dtype=self.dtype, out=self._buffer('cp', R, nb))
+        cum_n = np.cumsum(Wn, axis=1, dtype=self.dtype, out=self._buffer('cn', R, nb))
+        tot_p, tot_n = cum_p[:, -1].astype(np.float64), cum_n[:, -1].astype(np.float64)
+        out, passing = self._roc(cum_p, cum_n, tot_p, tot_n)
+        # in place, doubled: cum_p -> positive weight above each block, cum_n -> negative weight below,
+        # a block's own pairs counting half
+        cum_p *= 2
+        cum_p -= Wp
+        cum_n *= -2
+        cum_n += Wn
+        cum_n += (2 * cum_n.dtype.type(1)) * tot_n.astype(self.dtype)[:, None]
+        above, below = cum_p, cum_n
         if self.ties:
-            above, below = above[self.block], below[self.block]
-        # D: a positive pair's negatives below, a negative pair's positives above ((d), overall AUC);
-        # Y: each pair's normalised rank among its own polarity ((a), (b)).
-        D = np.where(pos, below, above)
-        Y = np.where(pos, (tot_p - above) / tot_p, below / tot_n)
+            above = np.stack([a[self.block] for a in above])
+            below = np.stack([b[self.block] for b in below])
+        sums_w = self._sums(W)
+        above *= W
+        sums_above = self._sums(above) / 2
+        below *= W
+        sums_below = self._sums(below) / 2
         del above, below
-        sums_w = self.aggregate @ W
-        sums_y = self.aggregate @ (W * Y)
-        nk = self.key_sum.shape[0]
-        col_w = self.key_columns @ sums_w[:nk]
-        col_y = self.key_columns @ sums_y[:nk]
-        col_d = self.key_columns @ (self.key_sum @ (W * D))
-        del D, Y
-        out['accuracy/auc'] = col_d[0] / (tot_p * tot_n)
-        fpr, tpr = cum_n / tot_n, cum_p / tot_p
-        for far in FAR_TARGETS:
-            b = (fpr <= far).sum(axis=0)
-            out[f'accuracy/tar_at_far/{far:.0e}'] = np.where(b > 0, tpr[np.maximum(b - 1, 0), np.arange(W.shape[1])],
-                                                             0.0)
-        fnr_minus_fpr = (1 - tpr) - fpr
-        i = np.argmin(np.abs(fnr_minus_fpr), axis=0)
-        r = np.arange(W.shape[1])
-        out['accuracy/eer'] = (fpr[i, r] + 1 - tpr[i, r]) / 2
-        passing = {'fmr_1e-3': (cum_n <= np.floor(FMR_TARGET * tot_n)).sum(axis=0), 'eer': i + 1}
-        del fpr, tpr, fnr_minus_fpr, cum_p, cum_n
-        col_m = {}
-        block = self.block if self.ties else np.arange(len(self.pos))
-        for name, b in passing.items():
-            col_m[name] = self.key_columns @ (self.key_sum @ (W * (block[:, None] < b[None, :])))
+        col_w = sums_w @ self.super_columns
+        col_above = sums_above @ self.super_columns
+        col_below = sums_below @ self.super_columns
+        out['accuracy/auc'] = col_above[:, 0] / (tot_p * tot_n)
         for attr, names in ATTRIBUTES.items():
             self._group_auc(out, attr, names, W)
             for pol, positive in POLARITIES:
-                c = self.column(attr, 'group', positive)
-                mean_rank = _divide(col_y[c], col_w[c]).T
                 base = f'bias/{attr}/{pol}'
+                c = self.column(attr, 'group', positive)
+                # a pair's normalised rank in its polarity: positives (tot_p - above)/tot_p, negatives below/tot_n
+                if positive:
+                    rank_sum = (tot_p[:, None] * col_w[:, c] - col_above[:, c]) / tot_p[:, None]
+                else:
+                    rank_sum = col_below[:, c] / tot_n[:, None]
+                mean_rank = _divide(rank_sum, col_w[:, c])
                 self._per_group(out, f'{base}/mean_rank', names, mean_rank)
                 out[f'{base}/rank/spread'] = _spread(mean_rank)
-                self._adjusted(out, attr, names, positive, sums_w, sums_y, base)
+                self._adjusted(out, attr, names, positive, sums_w, sums_above, sums_below, tot_p, tot_n, base)
                 cc = self.column(attr, 'cell', positive)
-                other = tot_n if positive else tot_p
-                cell_auc = _divide(col_d[cc], col_w[cc] * other[None, None, :])  # (combos, groups, R)
+                # (d): a positive cell's negatives below / tot_n, a negative cell's positives above / tot_p
+                share = (col_below[:, cc] / tot_n[:, None, None]) if positive else \
+                    (col_above[:, cc] / tot_p[:, None, None])
+                cell_auc = _divide(share, col_w[:, cc])  # (R, combos, groups)
                 complete = self.complete[attr, positive]
-                with np.errstate(invalid='ignore'):
-                    means = (np.nanmean(cell_auc[complete], axis=0).T if len(complete)
-                             else np.full((W.shape[1], len(names)), np.nan))
+                means = np.full((R, len(names)), np.nan)
+                if len(complete):
+                    with np.errstate(invalid='ignore'):
+                        chosen = cell_auc[:, complete]
+                        ok = np.isfinite(chosen).sum(axis=1)
+                        means = np.where(ok > 0, np.nansum(chosen, axis=1) / np.maximum(ok, 1), np.nan)
                 self._per_group(out, f'{base}/cell_auc', names, means)
                 out[f'{base}/cell/spread'] = _spread(means)
-            for name in THRESHOLDS:
+        self._error_rates(out, W, col_w, passing)
+        return out
+
+    def _roc(self, cum_p, cum_n, tot_p, tot_n):
+        """TAR@FAR, EER and the pairs each threshold lets pass, from the cumulative weights (every search
+        is a bisection on the monotone cumulative curves: no pass over the whole matrix)."""
+        out = {}
+        R, nb = cum_p.shape
+        rows = np.arange(R)
+
+        def count(below):
+            """Per row, the number of blocks j with below(row, j) true (a prefix of the blocks)."""
+            lo, hi = np.zeros(R, dtype=np.int64), np.full(R, nb)
+            while (lo < hi).any():
+                mid = (lo + hi) // 2
+                ok = below(np.minimum(mid, nb - 1)) & (lo < hi)
+                lo, hi = np.where(ok, mid + 1, lo), np.where(ok | (lo >= hi), hi, mid)
+            return lo
+
+        at_n = lambda j: cum_n[rows, j].astype(np.float64)
+        at_p = lambda j: cum_p[rows, j].astype(np.float64)
+        for far in FAR_TARGETS:
+            b = count(lambda j: at_n(j) / tot_n <= far)  # the point estimate's fpr <= far, exactly
+            out[f'accuracy/tar_at_far/{far:.0e}'] = np.where(b > 0, at_p(np.maximum(b - 1, 0)) / tot_p, 0.0)
+        # fnr - fpr falls along the curve: its sign change, then the nearest point among the neighbours
+        c = count(lambda j: at_p(j) / tot_p + at_n(j) / tot_n < 1)
+        cand = np.clip(c[:, None] + np.arange(-2, 2)[None, :], 0, nb - 1)
+        fpr = cum_n[rows[:, None], cand] / tot_n[:, None]
+        fnr = 1 - cum_p[rows[:, None], cand] / tot_p[:, None]
+        best = np.argmin(np.abs(fnr - fpr), axis=1)
+        out['accuracy/eer'] = (fpr[rows, best] + fnr[rows, best]) / 2
+        allowed = np.floor(FMR_TARGET * tot_n)
+        fmr_blocks = count(lambda j: at_n(j) <= allowed)
+        ends = np.r_[0, self.block_end]
+        return out, {'fmr_1e-3': ends[fmr_blocks], 'eer': ends[cand[rows, best] + 1]}
+
+    def _error_rates(self, out, W, col_w, passing):
+        """(c) per-group FMR and FNMR: the weights of the pairs above each replicate's threshold."""
+        n_keys = self.key_columns.shape[0]
+        for name in THRESHOLDS:
+            keys = np.stack([np.bincount(self.key[:m], weights=W[r, :m], minlength=n_keys)
+                             for r, m in enumerate(passing[name])])
+            col_m = keys @ self.key_columns
+            for attr, names in ATTRIBUTES.items():
                 neg_c, pos_c = self.column(attr, 'group', False), self.column(attr, 'group', True)
-                fmr = _divide(col_m[name][neg_c], col_w[neg_c]).T
-                fnmr = 1 - _divide(col_m[name][pos_c], col_w[pos_c]).T
+                fmr = _divide(col_m[:, neg_c], col_w[:, neg_c])
+                fnmr = 1 - _divide(col_m[:, pos_c], col_w[:, pos_c])
                 base = f'bias/{attr}/error_rates/{name}'
                 self._per_group(out, f'{base}/fmr', names, fmr)
                 self._per_group(out, f'{base}/fnmr', names, fnmr)
                 out[f'{base}/fmr_ratio'], out[f'{base}/fnmr_ratio'] = _ratio(fmr), _ratio(fnmr)
                 out[f'{base}/fmr_diff'], out[f'{base}/fnmr_diff'] = _spread(fmr), _spread(fnmr)
-        return out
 
     @staticmethod
     def _per_group(out, base, names, values):
@@ -258,37 +363,51 @@ class WeightedEvaluation:
             out[f'{base}/{g}'] = values[:, j]
 
     def _group_auc(self, out, attr, names, W):
-        """AUC within each group: its negatives' weighted share of its positives above them."""
+        """AUC within each group: its negatives' weighted share of its positives above them, in the
+        attribute's (group, score) order."""
         o = self.order_by_group[attr]
-        aucs = np.full((W.shape[1], len(names)), np.nan)
-        if len(o['perm']):
-            Wg = W[o['perm']]
-            Pg = Wg * o['pos']
-            Ng = Wg - Pg
-            del Wg
-            if o['ties']:
-                Pg, Ng = np.add.reduceat(Pg, o['starts'], axis=0), np.add.reduceat(Ng, o['starts'], axis=0)
-            cum = np.cumsum(Pg, axis=0)
-            seg = o['segments']
-            before = np.vstack([np.zeros((1, W.shape[1])), cum[seg[1:] - 1]])  # positives of earlier groups
-            neg_above = np.add.reduceat(Ng * (cum - Pg / 2), seg, axis=0)
-            n_neg, n_pos = np.add.reduceat(Ng, seg, axis=0), np.add.reduceat(Pg, seg, axis=0)
-            aucs[:, o['segment_group']] = _divide(neg_above - before * n_neg, n_pos * n_neg).T
+        R = W.shape[0]
+        aucs = np.full((R, len(names)), np.nan)
+        if o['n']:
+            Pg = self._buffer('gp', R, o['n'])
+            for r in range(R):
+                np.take(W[r], o['perm'], out=Pg[r])
+            Ng = np.multiply(Pg, 1 - o['pos'], out=self._buffer('gn', R, o['n']))
+            Pg *= o['pos']
+            bounds = o['bounds']
+            if o['starts'] is not None:  # ties: sum each tie block first
+                Pg, Ng = np.add.reduceat(Pg, o['starts'], axis=1), np.add.reduceat(Ng, o['starts'], axis=1)
+                bounds = np.searchsorted(o['starts'], bounds)
+            cum = np.cumsum(Pg, axis=1, dtype=self.dtype, out=self._buffer('gc', R, Pg.shape[1]))
+            # doubled positive weight above each block, its own positives counting half
+            cum *= 2
+            cum -= Pg
+            for j, g in enumerate(o['segment_group']):
+                a, b = bounds[j], bounds[j + 1]
+                n_neg, n_pos = _row_sums(Ng[:, a:b]), _row_sums(Pg[:, a:b])
+                before = (cum[:, a - 1].astype(np.float64) + Pg[:, a - 1]) if a else np.zeros(R)  # earlier groups
+                above = _row_dots(Ng[:, a:b], cum[:, a:b]) - before * n_neg
+                aucs[:, g] = _divide(above / 2, n_pos * n_neg)
         self._per_group(out, f'group_auc/{attr}', names, aucs)
         out[f'group_auc_gap/{attr}'] = _spread(aucs)
 
-    def _adjusted(self, out, attr, names, positive, sums_w, sums_y, base):
+    def _adjusted(self, out, attr, names, positive, sums_w, sums_above, sums_below, tot_p, tot_n, base):
         """(b) per replicate: the weighted normal equations of the design's distinct rows, solved."""
-        effects = np.full((sums_w.shape[1], len(names)), np.nan)
+        R = sums_w.shape[0]
+        effects = np.full((R, len(names)), np.nan)
         d = self.design.get((attr, positive))
         if d is not None:
-            rows = slice(d['first'], d['first'] + len(d['rows']))
-            q, k = d['q'], len(d['present'])
-            xtx = np.zeros((sums_w.shape[1], q, q))
-            tri = (d['products'].T @ sums_w[rows]).T
+            lo, hi = d['span']
+            to_rows = self.super_design[attr][:, lo:hi]
+            w = sums_w @ to_rows
+            y = ((tot_p[:, None] * w - sums_above @ to_rows) / tot_p[:, None] if positive
+                 else (sums_below @ to_rows) / tot_n[:, None])
+            q, k = d['rows'].shape[1], len(d['present'])
+            xtx = np.zeros((R, q, q))
+            tri = w @ d['products']
             xtx[:, d['upper'][0], d['upper'][1]] = tri
             xtx[:, d['upper'][1], d['upper'][0]] = tri
-            xty = (d['rows'].T @ sums_y[rows]).T
+            xty = y @ d['rows']
             coef = np.einsum('rij,rj->ri', np.linalg.pinv(xtx), xty)[:, :k]
             coef[xtx[:, np.arange(k), np.arange(k)] == 0] = np.nan  # a group the replicate left out
             effects[:, d['present']] = coef
@@ -299,7 +418,7 @@ class WeightedEvaluation:
 
 
 def chunk_size(pairs):
-    return int(max(1, min(64, CHUNK_BYTES // (8 * max(len(pairs.scores), 1)))))
+    return int(max(1, min(64, CHUNK_BYTES // (4 * max(len(pairs.scores), 1)))))
 
 
 def replicate_measures(evaluations, replicates, seed):
@@ -310,7 +429,7 @@ def replicate_measures(evaluations, replicates, seed):
     for first in range(0, replicates, step):
         counts = subject_counts(n_subjects, seed, first, min(step, replicates - first))
         for part, ev in zip(parts, evaluations):
-            part.append(ev.measures(ev.weights(counts)))
+            part.append(ev.measures(counts))
     return [{k: np.concatenate([p[k] for p in part]) for k in part[0]} for part in parts]
 
 
