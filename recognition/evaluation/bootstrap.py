@@ -26,6 +26,7 @@ from recognition.utils import UserError
 
 REPLICATES = 1000
 LEVEL = 0.95
+MAX_UNDEFINED = 0.05  # share of replicates a number may be undefined in and still get an interval
 CHUNK_BYTES = 128 * 2 ** 20  # one pairs x replicates float64 matrix; about ten are alive at once
 POLARITIES = (('positive', True), ('negative', False))
 THRESHOLDS = ('fmr_1e-3', 'eer')
@@ -145,14 +146,6 @@ class WeightedEvaluation:
         rows, cols = np.nonzero(keys >= 0)
         self.key_columns = sparse.csr_matrix((np.ones(len(rows)), (rows, keys[rows, cols])),
                                              shape=(len(keys), width))
-        count = np.bincount(self.key, minlength=len(keys)) @ self.key_columns
-        # (d) compares groups on the legitimate combinations where every group has cells (fairness._cell_bias)
-        self.complete = {}
-        for attr, names in ATTRIBUTES.items():
-            k, off = len(names), self.offset[attr, 'cell']
-            c = count[off:off + 2 * k * n_combos].reshape(n_combos, k, 2)
-            for _, positive in POLARITIES:
-                self.complete[attr, positive] = np.nonzero((c[:, :, int(positive)] > 0).all(axis=1))[0]
 
     def column(self, attr, kind, positive):
         """Column indices of `kind` ('group' or 'cell') sums of one polarity: (groups,) or (combos, groups)."""
@@ -295,13 +288,11 @@ class WeightedEvaluation:
                 share = (col_below[:, cc] / tot_n[:, None, None]) if positive else \
                     (col_above[:, cc] / tot_p[:, None, None])
                 cell_auc = _divide(share, col_w[:, cc])  # (R, combos, groups)
-                complete = self.complete[attr, positive]
-                means = np.full((R, len(names)), np.nan)
-                if len(complete):
-                    with np.errstate(invalid='ignore'):
-                        chosen = cell_auc[:, complete]
-                        ok = np.isfinite(chosen).sum(axis=1)
-                        means = np.where(ok > 0, np.nansum(chosen, axis=1) / np.maximum(ok, 1), np.nan)
+                # the combinations where every group has cells in this replicate (fairness._cell_bias)
+                complete = (col_w[:, cc] > 0).all(axis=2)
+                n_complete = complete.sum(axis=1)[:, None]
+                total = np.where(complete[:, :, None], np.nan_to_num(cell_auc), 0).sum(axis=1)
+                means = np.where(n_complete > 0, total / np.maximum(n_complete, 1), np.nan)
                 self._per_group(out, f'{base}/cell_auc', names, means)
                 out[f'{base}/cell/spread'] = _spread(means)
         self._error_rates(out, W, col_w, passing)
@@ -473,13 +464,16 @@ def _reason(path, point, support):
 
 
 def _interval(values, reason, replicates):
+    """The percentile interval over the replicates where the number is defined (a resample can leave a
+    small group without pairs of one polarity); n/a when that happens in more than MAX_UNDEFINED of them."""
     if reason is not None:
         return {'n/a': reason}
-    bad = int((~np.isfinite(values)).sum())
-    if bad:
+    ok = np.isfinite(values)
+    bad = int((~ok).sum())
+    if bad > MAX_UNDEFINED * replicates:
         return {'n/a': f'undefined in {bad} of {replicates} replicates'}
-    lo, hi = np.percentile(values, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
-    return {'interval': [float(lo), float(hi)]}
+    lo, hi = np.percentile(values[ok], [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
+    return {'interval': [float(lo), float(hi)], **({'undefined': bad} if bad else {})}
 
 
 def worst_group_ranking(result, measures, intervals, attr='gender_skin'):
@@ -517,7 +511,8 @@ def bootstrap(pairs, result, replicates=REPLICATES, seed=0):
 
 
 def compare(pairs_a, result_a, pairs_b, result_b, replicates=REPLICATES, seed=0, names=('a', 'b')):
-    """Paired differences b - a of every bootstrapped number, both score sets under the same resamples."""
+    """Paired differences (second - first) of every bootstrapped number, both score sets under the same
+    resamples; `names` name the two score sets."""
     same = (np.array_equal(pairs_a.labels, pairs_b.labels) and pairs_a.subjects is not None
             and pairs_b.subjects is not None
             and all(np.array_equal(x, y) for x, y in zip(pairs_a.subjects[:2], pairs_b.subjects[:2])))
@@ -532,7 +527,7 @@ def compare(pairs_a, result_a, pairs_b, result_b, replicates=REPLICATES, seed=0,
         reason = _reason(path, a, support) or _reason(path, b, support)
         iv = _interval(mb[path] - ma[path], reason, replicates)
         lo_hi = iv.get('interval')
-        out[path] = {names[0]: a, names[1]: b, 'difference': None if a is None or b is None else b - a, **_tag(iv),
+        out[path] = {'first': a, 'second': b, 'difference': None if a is None or b is None else b - a, **_tag(iv),
                      'excludes_0': None if lo_hi is None else bool(lo_hi[0] > 0 or lo_hi[1] < 0)}
     return {'replicates': replicates, 'seed': seed, 'level': LEVEL, 'rule': RULE, 'names': list(names),
             'values': out}
