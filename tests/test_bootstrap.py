@@ -251,3 +251,42 @@ def test_cli_warns_about_extra_predictions_and_reproduces_intervals(tmp_path):
     (tmp_path / 'other.csv').write_text('TEMPLATE_ID1,TEMPLATE_ID2,SCORE\n' + '\n'.join(rows[5:]) + '\n')
     msg = one_line_error(evaluate_cli(tmp_path, '--bootstrap', '30', '--compare', str(tmp_path / 'other.csv')))
     assert 'other.csv: 5 ground-truth pairs have no prediction' in msg
+
+
+def test_chain_table_shows_paired_changes(tmp_path):
+    from recognition.finetune import append_chain_row
+    val = tmp_path / 'val'
+    val.mkdir()
+    meta, a, b, labels, scores = identities(seed=6, n_subjects=40, n_pairs=2000)
+    cols = list(meta)
+    (val / 'metadata.csv').write_text(','.join(cols) + '\n' + ''.join(
+        ','.join(str(meta[c][i]) for c in cols) + '\n' for i in range(len(meta['TEMPLATE_ID']))))
+    (val / 'ground_truth.csv').write_text('TEMPLATE_ID1,TEMPLATE_ID2,LABEL\n' + ''.join(
+        f'{x},{y},{int(l)}\n' for x, y, l in zip(a, b, labels)))
+    better = identities(seed=6, n_subjects=40, n_pairs=2000, shift=(2, True, -0.25))[4]
+    table = str(tmp_path / 'models' / 'chain_table')
+    for step, s in (('pretrained', scores), ('step1', scores), ('step2', better)):
+        pred = tmp_path / f'{step}.csv'
+        pred.write_text('TEMPLATE_ID1,TEMPLATE_ID2,SCORE\n' + ''.join(f'{x},{y},{v:.6f}\n' for x, y, v in zip(a, b, s)))
+        result = evaluate_pairs(make_pairs(np.round(s, 6), labels, a, b, meta))
+        markdown = append_chain_row(table, step, f'models/{step}/model,1', result, predictions=str(pred),
+                                    val_dir=str(val), replicates=200)
+    rows = json.load(open(table + '.json'))['rows']
+    assert sorted(os.listdir(tmp_path / 'models' / 'chain_table_scores')) == ['pretrained.csv', 'step1.csv',
+                                                                              'step2.csv']
+    assert 'changes' not in rows[0] or not rows[0]['changes']
+    step1, step2 = rows[1]['changes'], rows[2]['changes']
+    assert step1['previous']['values']['AUC']['difference'] == 0.0 and not step1['previous']['values']['AUC']['excludes_0']
+    loss = step2['previous']['values']['AUC dark_female']
+    assert loss['difference'] < 0 and loss['excludes_0'] and step2['pretrained']['against'] == 'pretrained'
+    assert not step2['previous']['values']['AUC light_male']['excludes_0']
+    assert 'step2 | step1 (previous)' in markdown and '*' in markdown.split('Changes')[1]
+    # a re-run step1 with other scores: step2's change against it is recomputed
+    stamp = step2['previous']['stamp']
+    pred = tmp_path / 'step1.csv'
+    pred.write_text('TEMPLATE_ID1,TEMPLATE_ID2,SCORE\n' + ''.join(f'{x},{y},{v:.6f}\n' for x, y, v in zip(a, b, better)))
+    append_chain_row(table, 'step1', 'models/step1/model,1', evaluate_pairs(make_pairs(np.round(better, 6), labels, a,
+                     b, meta)), predictions=str(pred), val_dir=str(val), replicates=200)
+    rows = json.load(open(table + '.json'))['rows']
+    assert rows[2]['changes']['previous']['stamp'] != stamp
+    assert rows[2]['changes']['previous']['values']['AUC']['difference'] == 0.0
