@@ -123,13 +123,14 @@ def timed_bootstrap(pairs, replicates, label):
     base = rss_mb()
     t0 = time.perf_counter()
     result = evaluate_pairs(pairs)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     intervals = bootstrap(pairs, result, replicates)
-    t2 = time.perf_counter()
-    auc = intervals['values']['accuracy/auc'].get('interval')
+    t2, c2 = time.perf_counter(), time.process_time()
+    lo, hi = intervals['values']['accuracy/auc']['interval']
     print(f'bootstrap {label}: {len(pairs.scores)} pairs, {pairs.subjects[2]} identities, {replicates} replicates: '
-          f'{t2 - t1:.2f} s (evaluation {t1 - t0:.2f} s), peak RSS {rss_mb():.0f} MB (+{rss_mb() - base:.0f} MB); '
-          f'AUC {result["accuracy"]["auc"]:.4f} {auc}')
+          f'{t2 - t1:.2f} s wall, {c2 - c1:.2f} s CPU (evaluation {t1 - t0:.2f} s), peak RSS {rss_mb():.0f} MB '
+          f'(+{rss_mb() - base:.0f} MB); AUC {result["accuracy"]["auc"]:.4f} [{lo:.4f}, {hi:.4f}]; '
+          'load average %.2f %.2f %.2f' % os.getloadavg())
 
 
 def demo_val_pairs(val_dir, seed=0):
