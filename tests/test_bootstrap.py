@@ -87,6 +87,21 @@ def test_bootstrap_equals_explicit_resampling_of_identities():
     assert checked > 400
 
 
+def test_wide_integer_path_gives_the_same_numbers(monkeypatch):
+    """Chunks whose doubled sums could overflow int32 run in int64, with the same results."""
+    import recognition.evaluation.bootstrap as bootstrap_module
+    meta, a, b, labels, scores = identities(seed=8, round_to=2)
+    ev = WeightedEvaluation(make_pairs(scores, labels, a, b, meta))
+    counts = subject_counts(ev.n_subjects, 1, 0, 3)
+    narrow = ev.measures(counts)
+    assert ev._buffers['cp'].dtype == np.int32
+    monkeypatch.setattr(bootstrap_module, 'INT32_LIMIT', 10)
+    wide = ev.measures(counts)
+    assert ev._buffers['cp'].dtype == np.int64
+    for path in narrow:
+        np.testing.assert_array_equal(narrow[path], wide[path], err_msg=path)
+
+
 def test_intervals_are_reproducible_and_cover_the_estimates():
     meta, a, b, labels, scores = identities(seed=1, n_subjects=40, n_pairs=2000)
     pairs = make_pairs(scores, labels, a, b, meta)

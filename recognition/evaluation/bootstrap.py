@@ -26,6 +26,7 @@ from recognition.utils import UserError
 
 REPLICATES = 1000
 LEVEL = 0.95
+INT32_LIMIT = 2 ** 31  # doubled sums at or above it go to int64
 MAX_UNDEFINED = 0.05  # share of replicates a number may be undefined in and still get an interval
 CHUNK_BYTES = 128 * 2 ** 20  # one pairs x replicates float64 matrix; about ten are alive at once
 POLARITIES = (('positive', True), ('negative', False))
@@ -97,8 +98,9 @@ class WeightedEvaluation:
     """The measures of `fairness.evaluate_pairs` for many weightings of the pairs at once.
 
     Arrays are (replicates, pairs in score order) of integers: weights are products of identity counts,
-    ties count half, so every per-pair quantity is kept doubled and exact (int32 while it cannot
-    overflow: its cumulative sums run several times faster than float ones); sums over pairs are float64.
+    ties count half, so every per-pair quantity is kept doubled and exact (int32 when a chunk's weights
+    cannot overflow it, else int64: int32 cumulative sums run several times faster than float ones);
+    sums over pairs are float64.
     """
 
     def __init__(self, pairs):
@@ -109,7 +111,7 @@ class WeightedEvaluation:
         ranked = Ranked(pairs.scores, pairs.labels)
         order = ranked.order
         n = len(order)
-        self.dtype = np.int32 if n < 2 ** 21 else np.int64  # doubled products of weights and their sums
+        self.dtype = np.int32  # identity counts and, when they fit, the weights and their doubled sums
         s1, s2, self.n_subjects = pairs.subjects
         self.s1 = s1[order]
         self.s2 = np.where(s2[order] == self.s1, self.n_subjects, s2[order])
@@ -222,9 +224,10 @@ class WeightedEvaluation:
     def _buffer(self, name, rows, cols, dtype=None):
         """A reused (rows, cols) work array: fresh arrays of this size cost more in page faults than in
         arithmetic."""
+        dtype = np.dtype(dtype or self.dtype)
         buf = self._buffers.get(name)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
-            buf = self._buffers[name] = np.empty((rows, cols), dtype=dtype or self.dtype)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype:
+            buf = self._buffers[name] = np.empty((rows, cols), dtype=dtype)
         return buf[:rows]
 
     def _bincount(self, index, row, minlength):
@@ -245,13 +248,19 @@ class WeightedEvaluation:
         W = self._buffer('w', R, n)
         for r in range(R):  # fancy indexing: several times faster than np.take here
             np.multiply(counts[r][self.s1], counts[r][self.s2], out=W[r])
-        Wp = np.multiply(W, self.pos_w, out=self._buffer('wp', R, n))
-        Wn = np.subtract(W, Wp, out=self._buffer('wn', R, n))
+        # the largest doubled quantity is a weight times twice a polarity's total weight
+        if 2 * int(W.max()) * int(W.sum(axis=1, dtype=np.int64).max()) >= INT32_LIMIT:
+            wide = self._buffer('w64', R, n, np.int64)
+            wide[:] = W
+            W = wide
+        dt = W.dtype
+        Wp = np.multiply(W, self.pos_w, out=self._buffer('wp', R, n, dt))
+        Wn = np.subtract(W, Wp, out=self._buffer('wn', R, n, dt))
         if self.ties:
             Wp, Wn = np.add.reduceat(Wp, self.starts, axis=1), np.add.reduceat(Wn, self.starts, axis=1)
         nb = Wp.shape[1]
-        cum_p = np.cumsum(Wp, axis=1, dtype=self.dtype, out=self._buffer('cp', R, nb))
-        cum_n = np.cumsum(Wn, axis=1, dtype=self.dtype, out=self._buffer('cn', R, nb))
+        cum_p = np.cumsum(Wp, axis=1, dtype=dt, out=self._buffer('cp', R, nb, dt))
+        cum_n = np.cumsum(Wn, axis=1, dtype=dt, out=self._buffer('cn', R, nb, dt))
         tot_p, tot_n = cum_p[:, -1].astype(np.float64), cum_n[:, -1].astype(np.float64)
         out, passing = self._roc(cum_p, cum_n, tot_p, tot_n)
         # in place, doubled: cum_p -> positive weight above each block, cum_n -> negative weight below,
@@ -260,7 +269,7 @@ class WeightedEvaluation:
         cum_p -= Wp
         cum_n *= -2
         cum_n += Wn
-        cum_n += (2 * cum_n.dtype.type(1)) * tot_n.astype(self.dtype)[:, None]
+        cum_n += 2 * tot_n.astype(dt)[:, None]
         above, below = cum_p, cum_n
         if self.ties:
             above = np.stack([a[self.block] for a in above])
@@ -365,16 +374,16 @@ class WeightedEvaluation:
         R = W.shape[0]
         aucs = np.full((R, len(names)), np.nan)
         if o['n']:
-            Pg = self._buffer('gp', R, o['n'])
+            Pg = self._buffer('gp', R, o['n'], W.dtype)
             for r in range(R):
                 Pg[r] = W[r][o['perm']]
-            Ng = np.multiply(Pg, o['neg'], out=self._buffer('gn', R, o['n']))
+            Ng = np.multiply(Pg, o['neg'], out=self._buffer('gn', R, o['n'], W.dtype))
             Pg *= o['pos']
             bounds = o['bounds']
             if o['starts'] is not None:  # ties: sum each tie block first
                 Pg, Ng = np.add.reduceat(Pg, o['starts'], axis=1), np.add.reduceat(Ng, o['starts'], axis=1)
                 bounds = np.searchsorted(o['starts'], bounds)
-            cum = np.cumsum(Pg, axis=1, dtype=self.dtype, out=self._buffer('gc', R, Pg.shape[1]))
+            cum = np.cumsum(Pg, axis=1, dtype=W.dtype, out=self._buffer('gc', R, Pg.shape[1], W.dtype))
             # doubled positive weight above each block, its own positives counting half
             cum *= 2
             cum -= Pg
@@ -414,6 +423,7 @@ class WeightedEvaluation:
 
 
 def chunk_size(pairs):
+    """Replicates per chunk: one (replicates x pairs) int32 matrix of about CHUNK_BYTES."""
     return int(max(1, min(64, CHUNK_BYTES // (4 * max(len(pairs.scores), 1)))))
 
 
