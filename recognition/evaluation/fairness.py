@@ -1,12 +1,14 @@
 """Accuracy and bias of verification scores with respect to gender and skin colour.
 
 All definitions live here and are documented in docs/metrics.md. The challenge's exact bias formula is
-not public to us; these are transparent stand-ins in its spirit (bias measured separately on positive
-and negative pairs, adjusted for legitimate attributes, plus NIST-style error-rate differentials).
+not public to us; (a)-(c) are transparent stand-ins in its spirit (bias measured separately on positive
+and negative pairs, adjusted for legitimate attributes, plus NIST-style error-rate differentials), and (d)
+is the organisers' per-cell AUC with our aggregation. Their intervals: `bootstrap.py`.
 
 Groups: for each protected attribute (gender; skin colour; their combination) a pair belongs to group g
 when *both* images are in g. Mixed pairs (e.g. a female-male impostor pair) count in the global accuracy
-but in no group of that attribute; their number is reported.
+but in no group of that attribute; their number is reported. (d)'s cells also need both images to share
+every legitimate value.
 """
 import logging
 from dataclasses import dataclass
