@@ -379,20 +379,21 @@ class WeightedEvaluation:
                 Pg[r] = W[r][o['perm']]
             Ng = np.multiply(Pg, o['neg'], out=self._buffer('gn', R, o['n'], W.dtype))
             Pg *= o['pos']
-            bounds = o['bounds']
-            if o['starts'] is not None:  # ties: sum each tie block first
+            bounds, ties = o['bounds'], o['starts'] is not None
+            if ties:  # sum each tie block first
                 Pg, Ng = np.add.reduceat(Pg, o['starts'], axis=1), np.add.reduceat(Ng, o['starts'], axis=1)
                 bounds = np.searchsorted(o['starts'], bounds)
             cum = np.cumsum(Pg, axis=1, dtype=W.dtype, out=self._buffer('gc', R, Pg.shape[1], W.dtype))
-            # doubled positive weight above each block, its own positives counting half
-            cum *= 2
-            cum -= Pg
+            if ties:  # doubled positive weight above each block, its own positives counting half
+                cum *= 2
+                cum -= Pg
             for j, g in enumerate(o['segment_group']):
                 a, b = bounds[j], bounds[j + 1]
                 n_neg, n_pos = _row_sums(Ng[:, a:b]), _row_sums(Pg[:, a:b])
-                before = (cum[:, a - 1].astype(np.float64) + Pg[:, a - 1]) if a else np.zeros(R)  # earlier groups
+                # the positives of the groups before this one in the order, taken off (doubled with ties)
+                before = np.zeros(R) if not a else cum[:, a - 1].astype(np.float64) + (Pg[:, a - 1] if ties else 0)
                 above = _row_dots(Ng[:, a:b], cum[:, a:b]) - before * n_neg
-                aucs[:, g] = _divide(above / 2, n_pos * n_neg)
+                aucs[:, g] = _divide(above / 2 if ties else above, n_pos * n_neg)
         self._per_group(out, f'group_auc/{attr}', names, aucs)
         out[f'group_auc_gap/{attr}'] = _spread(aucs)
 
