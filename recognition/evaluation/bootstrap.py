@@ -12,10 +12,10 @@ and two score sets on the same pairs see the same resamples (the paired comparis
 
 Speed: every measure is evaluated as a function of per-pair weights on the evaluation's one score sort.
 Cumulative weights give each pair's weighted share of the other polarity above or below it (AUC, ranks,
-(d)) and the ROC (TAR@FAR, EER, both thresholds); per-group orders fixed once give the group AUCs; group
-sums are sparse products over the distinct pair memberships; the adjusted regression (b) is solved per
-replicate from normal equations summed over the distinct design rows. Replicates go in chunks (the
-columns of a pairs x replicates matrix).
+(d)) and the ROC (TAR@FAR, EER, both thresholds, found by bisection); per-group orders fixed once give
+the group AUCs; group sums are float64 bincounts over the pairs' distinct memberships; the adjusted
+regression (b) is solved per replicate from normal equations summed over the distinct design rows.
+Replicates go in chunks (the rows of a replicates x pairs integer matrix).
 """
 import numpy as np
 from scipy import sparse
@@ -28,7 +28,7 @@ REPLICATES = 1000
 LEVEL = 0.95
 INT32_LIMIT = 2 ** 31  # doubled sums at or above it go to int64
 MAX_UNDEFINED = 0.05  # share of replicates a number may be undefined in and still get an interval
-CHUNK_BYTES = 128 * 2 ** 20  # one pairs x replicates float64 matrix; about ten are alive at once
+CHUNK_BYTES = 128 * 2 ** 20  # one replicates x pairs int32 matrix; about eight are alive at once
 POLARITIES = (('positive', True), ('negative', False))
 THRESHOLDS = ('fmr_1e-3', 'eer')
 RULE = ('identities resampled with replacement (n of n); a pair of two identities drawn k1 and k2 times '
