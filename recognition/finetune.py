@@ -290,8 +290,9 @@ def update_changes(table, rows, replicates=REPLICATES, seed=0):
         r['_table'] = table
     for i, row in enumerate(kept):
         changes = row.setdefault('changes', {})
-        for kind, ref in (('previous', kept[i - 1] if i else None), ('pretrained', reference)):
-            if ref is None or ref is row:
+        previous = kept[i - 1] if i else None
+        for kind, ref in (('previous', previous), ('pretrained', reference)):
+            if ref is None or ref is row or (kind == 'pretrained' and ref is previous):  # no row twice
                 changes.pop(kind, None)
                 continue
             stamp = [ref['step'], ref['scores_sha256'], row['scores_sha256'], replicates, seed]

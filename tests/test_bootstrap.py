@@ -291,6 +291,7 @@ def test_chain_table_shows_paired_changes(tmp_path):
                                                                               'step2.csv']
     assert 'changes' not in rows[0] or not rows[0]['changes']
     step1, step2 = rows[1]['changes'], rows[2]['changes']
+    assert 'pretrained' not in step1  # its previous row is the pretrained one: shown once
     assert step1['previous']['values']['AUC']['difference'] == 0.0 and not step1['previous']['values']['AUC']['excludes_0']
     loss = step2['previous']['values']['AUC dark_female']
     assert loss['difference'] < 0 and loss['excludes_0'] and step2['pretrained']['against'] == 'pretrained'
