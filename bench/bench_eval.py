@@ -66,7 +66,7 @@ def vectorised(feats, a, b, labels, meta):
     t['gap-cut'] = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = evaluate_pairs(make_pairs(s, labels, a, b, meta))
-    t['evaluate (AUC, bias a/b/c)'] = time.perf_counter() - t0
+    t['evaluate (AUC, bias a/b/c/d)'] = time.perf_counter() - t0
     return t, result, s
 
 
@@ -190,7 +190,7 @@ def main():
     feats_s, a_s, b_s, _, _ = synthetic(max(int(args.images * ratio), 56), args.loop_pairs, seed=1)
     t_loop = loop(feats_s, a_s, b_s)
     loop_ensemble = t_loop * args.pairs / args.loop_pairs
-    vec_ensemble = total - times['evaluate (AUC, bias a/b/c)']
+    vec_ensemble = total - times['evaluate (AUC, bias a/b/c/d)']
     print(f'per-pair loop: {t_loop:.2f} s on {args.loop_pairs} pairs -> {loop_ensemble:.0f} s for {args.pairs} '
           f'(score+ensemble), vectorised {vec_ensemble:.2f} s: {loop_ensemble / vec_ensemble:.0f}x')
     if args.bootstrap:
