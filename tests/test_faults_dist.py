@@ -1,0 +1,154 @@
+"""Faults injected into a real dist_sync job (the launcher CLI running train/train.py on loopback).
+
+A stop signal to one worker, to the launcher or to a server must stop the whole job cleanly: every worker
+stops after the same step, the chief writes the resume snapshot (which resumes), every process exits and
+the launcher exits with 128 + the signal, naming who got it. Over ssh the remote processes end as well.
+"""
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from recognition.distributed import free_port
+
+from test_distributed import _job_processes, _port_free
+from test_train_dist import TESTS, train_command, write_train_rec
+
+ROOT = os.path.dirname(TESTS)
+LAUNCHER = [sys.executable, os.path.join(ROOT, 'train', 'launch_dist.py')]
+RUN = os.path.join('demo-nsoftmax-demo', 'model-resume.json')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('faces')
+    write_train_rec(str(folder))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+
+
+class Job:
+    """A launcher started as its own process, its output read line by line."""
+
+    def __init__(self, argv, port):
+        self.port = port
+        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.lines = []
+        self._partial = b''
+
+    def _read(self, timeout):
+        ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
+        if not ready:
+            return False
+        chunk = os.read(self.popen.stdout.fileno(), 65536)
+        if not chunk:
+            return None
+        self._partial += chunk
+        *done, self._partial = self._partial.split(b'\n')
+        self.lines += [line.decode('utf-8', 'replace') for line in done]
+        return True
+
+    def wait_for(self, pattern, timeout=60):
+        """The first output line matching `pattern`; fails after `timeout` s."""
+        deadline = time.time() + timeout
+        seen = 0
+        while time.time() < deadline:
+            for line in self.lines[seen:]:
+                if re.search(pattern, line):
+                    return line
+            seen = len(self.lines)
+            if self._read(0.2) is None:
+                break
+        self.kill()
+        pytest.fail(f'no line matching {pattern!r} within {timeout} s:\n' + '\n'.join(self.lines[-40:]))
+
+    def finish(self, timeout=90):
+        """The launcher's exit status, after its output ended; kills the job after `timeout` s."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self._read(0.2) is not None:
+            pass
+        try:
+            return self.popen.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail('the launcher did not exit:\n' + '\n'.join(self.lines[-40:]))
+
+    def kill(self):
+        for pid in _job_processes(self.port) + [self.popen.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def pid_of(self, role, index=0):
+        """The pid of the job's process with DMLC_ROLE `role` and launch index `index`."""
+        want = {b'DMLC_ROLE=' + role.encode(), b'FAIRFACE_LAUNCH_INDEX=%d' % index}
+        for pid in _job_processes(self.port):
+            try:
+                with open(f'/proc/{pid}/environ', 'rb') as f:
+                    if want <= set(f.read().split(b'\0')):
+                        return pid
+            except OSError:
+                continue
+        pytest.fail(f'no {role} {index} running for port {self.port}')
+
+    def text(self):
+        return '\n'.join(self.lines)
+
+
+def _start(data_dir, models, *extra, steps=100000, launcher=(), port=None):
+    port = port or free_port()
+    command = train_command(data_dir, models, steps, '--frequent', '1', *extra)
+    return Job([*LAUNCHER, '-n', '2', '-s', '1', '--port', str(port), '--timeout', '200', *launcher, '--',
+                *command], port)
+
+
+def _stopped_step(job):
+    """The step both workers report stopping at (they must agree), from their stop messages."""
+    steps = {}
+    for line in job.lines:
+        found = re.match(r'\[(worker \d)\] (SIG\w+ to rank \d.*) at step (\d+): (.*); continue with --resume', line)
+        if found:
+            steps[found.group(1)] = (int(found.group(3)), found.group(4))
+    assert sorted(steps) == ['worker 0', 'worker 1'], job.text()[-3000:]
+    (a, said_a), (b, said_b) = steps.values()
+    assert a == b, steps
+    assert sorted(said.split(' /')[0] for said in (said_a, said_b)) == ['saved', 'the chief saved'], steps
+    return a
+
+
+def _assert_gone(job):
+    assert _job_processes(job.port) == [], 'processes of the job are left'
+    assert _port_free(job.port)
+
+
+def test_sigterm_to_one_worker_stops_the_job_and_resumes(data_dir, tmp_path):
+    models = tmp_path / 'models'
+    job = _start(data_dir, models)
+    # The chief: it must still write the snapshot while the others are told to stop.
+    chief = re.match(r'\[worker (\d)\]', job.wait_for(r'^\[worker \d\] contexts .* rank 0 of 2')).group(1)
+    job.wait_for(r'^\[worker \d\] Epoch\[0\] Batch\[2\]')
+    os.kill(job.pid_of('worker', int(chief)), signal.SIGTERM)
+    assert job.finish() == 128 + signal.SIGTERM, job.text()[-3000:]
+    step = _stopped_step(job)
+    assert f'error: worker {chief} got SIGTERM' in job.text()
+    snapshot = json.loads((models / RUN).read_text())
+    assert snapshot['step'] == step >= 2
+    assert os.path.isfile(models / 'demo-nsoftmax-demo' / snapshot['params'])
+    _assert_gone(job)
+
+    resumed = _start(data_dir, models, '--resume', steps=step + 2)
+    assert resumed.finish() == 0, resumed.text()[-3000:]
+    assert f'at step {step} (epoch' in resumed.text()
+    assert json.loads((models / RUN).read_text())['step'] == step + 2
+    _assert_gone(resumed)
