@@ -40,9 +40,9 @@ def one_thread(monkeypatch):
 class Job:
     """A launcher started as its own process, its output read line by line."""
 
-    def __init__(self, argv, port):
+    def __init__(self, argv, port, env=None):
         self.port = port
-        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         self.lines = []
         self._partial = b''
 
@@ -152,3 +152,83 @@ def test_sigterm_to_one_worker_stops_the_job_and_resumes(data_dir, tmp_path):
     assert f'at step {step} (epoch' in resumed.text()
     assert json.loads((models / RUN).read_text())['step'] == step + 2
     _assert_gone(resumed)
+
+
+def test_sigterm_to_the_launcher_stops_every_process(data_dir, tmp_path):
+    """Through shell/launch_dist.sh (which execs the Python launcher, so its pid is the launcher's)."""
+    models = tmp_path / 'models'
+    port = free_port()
+    job = Job([os.path.join(ROOT, 'shell', 'launch_dist.sh'), '-n', '2', '-s', '1', '--port', str(port),
+               '--timeout', '200', '--', *train_command(data_dir, models, 100000, '--frequent', '1')], port)
+    job.wait_for(r'^\[worker \d\] Epoch\[0\] Batch\[2\]')
+    job.popen.send_signal(signal.SIGTERM)
+    assert job.finish() == 128 + signal.SIGTERM, job.text()[-3000:]
+    step = _stopped_step(job)
+    assert 'error: the launcher got SIGTERM' in job.text()
+    assert json.loads((models / RUN).read_text())['step'] == step
+    _assert_gone(job)
+
+
+def test_sigint_to_a_server_stops_the_job(data_dir, tmp_path):
+    """The server announces the signal and keeps serving until the workers have stopped together."""
+    models = tmp_path / 'models'
+    job = _start(data_dir, models)
+    job.wait_for(r'^\[worker \d\] Epoch\[0\] Batch\[2\]')
+    os.kill(job.pid_of('server'), signal.SIGINT)
+    assert job.finish() == 128 + signal.SIGINT, job.text()[-3000:]
+    step = _stopped_step(job)
+    assert 'error: server 0 got SIGINT' in job.text()
+    assert json.loads((models / RUN).read_text())['step'] == step
+    _assert_gone(job)
+
+
+def test_killed_launcher_leaves_no_process(data_dir, tmp_path):
+    """SIGKILL to the launcher: its children get SIGTERM from the kernel (PR_SET_PDEATHSIG) and stop."""
+    models = tmp_path / 'models'
+    job = _start(data_dir, models)
+    job.wait_for(r'^\[worker \d\] Epoch\[0\] Batch\[2\]')
+    job.popen.kill()
+    job.popen.wait()
+    deadline = time.time() + 60
+    while _job_processes(job.port) and time.time() < deadline:
+        time.sleep(0.5)
+    left = _job_processes(job.port)
+    job.kill()
+    assert left == []
+    # The workers stopped cleanly: the chief wrote a snapshot.
+    assert json.loads((models / RUN).read_text())['step'] >= 2
+
+
+def test_sighup_to_an_ssh_launcher_ends_the_remote_processes(data_dir, tmp_path):
+    """The ssh path with a stand-in `ssh` that runs the command here in its own session and, like sshd
+    closing the remote terminal, sends it SIGHUP when the ssh client goes away."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    fake = bin_dir / 'ssh'
+    fake.write_text('#!/bin/bash\n'
+                    'while [[ "$1" == -* ]]; do if [[ "$1" == -o ]]; then shift 2; else shift; fi; done\n'
+                    'shift\n'
+                    'setsid bash -c "$1" & remote=$!\n'
+                    'trap \'kill -HUP -- -$remote 2>/dev/null\' EXIT\n'
+                    'trap \'exit 129\' HUP INT TERM\n'
+                    'wait $remote\n')
+    fake.chmod(0o755)
+    hostfile = tmp_path / 'hosts'
+    hostfile.write_text('127.0.0.1\n')
+    models = tmp_path / 'models'
+    port = free_port()
+    env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+    job = Job([*LAUNCHER, '-n', '2', '-s', '1', '--port', str(port), '--timeout', '200', '--launcher', 'ssh',
+               '--hostfile', str(hostfile), '--', *train_command(data_dir, models, 100000, '--frequent', '1')],
+              port, env=env)
+    job.wait_for(r'^\[worker \d\] Epoch\[0\] Batch\[2\]')
+    job.popen.send_signal(signal.SIGHUP)
+    assert job.finish() == 128 + signal.SIGHUP, job.text()[-3000:]
+    assert 'error: the launcher got SIGHUP' in job.text()
+    deadline = time.time() + 30
+    while _job_processes(port) and time.time() < deadline:
+        time.sleep(0.5)
+    left = _job_processes(port)
+    job.kill()
+    assert left == []
+    assert json.loads((models / RUN).read_text())['step'] >= 2
