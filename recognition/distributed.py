@@ -86,7 +86,9 @@ class Process:
     def __init__(self, name, argv, env):
         self.name = name
         self.is_worker = name.startswith('worker')
+        self.over_ssh = argv[0] == 'ssh'
         self.announced = None
+        self.forwarded = False
         # Own process group (a signal to the launcher's group does not reach it; stop() ends it whole);
         # workers get SIGTERM when the launcher vanishes, so they stop cleanly, servers keep serving them.
         self.popen = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -108,11 +110,18 @@ class Process:
     def send(self, sig):
         """Signal the process itself (a worker, or the ssh that runs it), not its children: a worker's
         data-loader processes must live until it stops."""
+        self.forwarded = True
         if self.popen.poll() is None:
             try:
                 os.kill(self.popen.pid, sig)
             except ProcessLookupError:
                 pass
+
+    def stopped_cleanly(self, code):
+        """Whether exit status `code` of a worker is part of a clean stop: 128 + a stop signal (train.py),
+        or any status of an ssh that was sent the signal (ssh exits 255 and the remote worker, hung up,
+        stops on its SIGHUP)."""
+        return self.is_worker and (_stop_exit(code) or (self.over_ssh and self.forwarded))
 
     def stop(self, sig=signal.SIGTERM):
         """Signal the whole process group (ssh and the remote shell included)."""
@@ -308,7 +317,7 @@ def launch(command, num_workers, num_servers=1, launcher='local', hostfile=None,
                                  f'killed every process', caught[-1])
             for p in procs:
                 code = p.popen.poll()
-                if code not in (None, 0) and not (stop is not None and p.is_worker and _stop_exit(code)):
+                if code not in (None, 0) and not (stop is not None and p.stopped_cleanly(code)):
                     how = f'signal {-code}' if code < 0 else f'exit status {code}'
                     during = f' while stopping ({stop[0]} got {stop[1].name})' if stop else ''
                     raise UserError(f'{p.name} failed with {how}{during}; stopped the other processes')

@@ -201,7 +201,8 @@ def test_killed_launcher_leaves_no_process(data_dir, tmp_path):
 
 def test_sighup_to_an_ssh_launcher_ends_the_remote_processes(data_dir, tmp_path):
     """The ssh path with a stand-in `ssh` that runs the command here in its own session and, like sshd
-    closing the remote terminal, sends it SIGHUP when the ssh client goes away."""
+    closing the remote terminal, sends it SIGHUP when the ssh client goes away; a signalled client exits
+    255, as OpenSSH's does."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     fake = bin_dir / 'ssh'
@@ -210,7 +211,7 @@ def test_sighup_to_an_ssh_launcher_ends_the_remote_processes(data_dir, tmp_path)
                     'shift\n'
                     'setsid bash -c "$1" & remote=$!\n'
                     'trap \'kill -HUP -- -$remote 2>/dev/null\' EXIT\n'
-                    'trap \'exit 129\' HUP INT TERM\n'
+                    'trap \'exit 255\' HUP INT TERM\n'
                     'wait $remote\n')
     fake.chmod(0o755)
     hostfile = tmp_path / 'hosts'
