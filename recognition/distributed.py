@@ -12,12 +12,13 @@ mxnet` serves the kvstore and returns when the workers finish (as MXNet's own to
 
 Stopping (SIGINT, SIGTERM or SIGHUP to any process of the job, the launcher included): a process that gets
 one prints `STOP_LINE` at once (`StopSignals`); the launcher, reading every line, forwards the signal to
-every worker, or, when it got the signal itself, to all of them. In `dist_sync` the workers must stop after
-the same step, or one waits forever for the others' gradients: after every step they add the signals they
-got through a kvstore key (`StopVote`), so all of them read the same answer after the same step; the chief
-then writes the resume snapshot and every worker exits. Servers keep serving until the workers are done.
-Children run in their own process groups, die with the launcher (PR_SET_PDEATHSIG: workers get SIGTERM
-and stop cleanly) and exit at most `STOP_GRACE` seconds after a stop signal even if the job is stuck.
+the other workers (to all of them when it got the signal itself; over ssh it stops the local ssh, and the
+remote worker gets SIGHUP). In `dist_sync` the workers must stop after the same step, or one waits forever
+for the others' gradients: after every step they add the signals they got through a kvstore key
+(`StopVote`), so all of them read the same answer after the same step; the chief then writes the resume
+snapshot and every worker exits. Servers keep serving until the workers are done. Children run in their
+own process groups, get SIGTERM when the launcher dies however it dies (PR_SET_PDEATHSIG), so they stop as
+above, and exit at most `STOP_GRACE` s after a stop signal even if the job is stuck.
 """
 import ctypes
 import os
@@ -45,7 +46,7 @@ STOP_GRACE = 120.0
 STOP_LINE = 'fairface-dist: got {}, stopping the job'
 STOP_LINE_RE = re.compile(r'fairface-dist: got (SIG[A-Z]+), stopping the job')
 PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)
+_PRCTL = getattr(ctypes.CDLL(None), 'prctl', None)   # Linux only
 
 
 def free_port(host='127.0.0.1'):
@@ -70,10 +71,12 @@ def read_hostfile(path):
 
 def _die_with_parent(sig):
     """preexec_fn: the kernel sends `sig` to this child when the launcher dies, however it dies."""
+    if _PRCTL is None:
+        return None
     parent = os.getpid()   # the launcher, evaluated before the fork
 
     def arm():
-        _LIBC.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         if os.getppid() != parent:   # the launcher died before the prctl
             os.kill(os.getpid(), sig)
     return arm
@@ -336,8 +339,8 @@ def launch(command, num_workers, num_servers=1, launcher='local', hostfile=None,
             except subprocess.TimeoutExpired:
                 raise UserError(f'{p.name} did not exit after the workers finished; stopped it')
         if stop is not None and any(w.popen.returncode for w in workers):
-            raise JobStopped(f'{stop[0]} got {stop[1].name}: every worker stopped after the same step and '
-                             f'every process exited; continue with --resume', stop[1])
+            raise JobStopped(f'{stop[0]} got {stop[1].name}: stopped the job, every process exited; '
+                             f'continue with --resume', stop[1])
         return 0
     finally:
         for p in procs:
