@@ -195,17 +195,20 @@ class StopVote:
 
     def __init__(self, kvstore, rank, num_workers):
         import mxnet as mx   # here, not at the top: the launcher itself never needs MXNet
+        self.nd = mx.nd
         self.kvstore = kvstore
         self.rank = rank
-        self.mine = mx.nd.zeros((num_workers,))
+        self.num_workers = num_workers
         self.total = mx.nd.zeros((num_workers,))
-        kvstore.init(self.KEY, self.mine)   # collective: every worker calls it at the same point
+        kvstore.init(self.KEY, mx.nd.zeros((num_workers,)))   # collective: all workers at the same point
         mx.nd.waitall()
 
     def __call__(self, signum):
         """{rank: signal} of every worker that got a stop signal, identical on every worker."""
-        self.mine[self.rank] = int(signum or 0)
-        self.kvstore.pushpull(self.KEY, self.mine, out=self.total)
+        mine = [0] * self.num_workers
+        mine[self.rank] = int(signum or 0)
+        # A new array each time: the dist kvstore writes the round's sum into the pushed array too.
+        self.kvstore.pushpull(self.KEY, self.nd.array(mine), out=self.total)
         return {rank: signal.Signals(int(s)) for rank, s in enumerate(self.total.asnumpy()) if s}
 
 
