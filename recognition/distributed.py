@@ -23,7 +23,6 @@ above, and exit at most `STOP_GRACE` s after a stop signal even if the job is st
 import ctypes
 import os
 import re
-import select
 import shlex
 import signal
 import socket
@@ -122,9 +121,9 @@ class Process:
 
     def stopped_cleanly(self, code):
         """Whether exit status `code` of a worker is part of a clean stop: 128 + a stop signal (train.py),
-        or any status of an ssh that was sent the signal (ssh exits 255 and the remote worker, hung up,
-        stops on its SIGHUP)."""
-        return self.is_worker and (_stop_exit(code) or (self.over_ssh and self.forwarded))
+        death by the signal it was sent (a command that does not catch it), or any status of an ssh that
+        was sent the signal (ssh exits 255 and the remote worker, hung up, stops on its SIGHUP)."""
+        return self.is_worker and (_stop_exit(code) or (self.forwarded and (self.over_ssh or -code in STOP_SIGNALS)))
 
     def stop(self, sig=signal.SIGTERM):
         """Signal the whole process group (ssh and the remote shell included)."""
@@ -136,9 +135,9 @@ class Process:
 
 
 class StopSignals:
-    """SIGINT, SIGTERM and SIGHUP go to `handler`, and while installed a watcher thread reacts at once even
-    when the main thread is blocked inside MXNet, where Python runs no handler: the C-level handler writes
-    the signal number to a wakeup fd. With `announce`, the watcher prints `STOP_LINE` for the launcher and
+    """SIGINT, SIGTERM and SIGHUP go to `handler`. With `announce` (a process of a dist job) a watcher thread
+    reacts at once even when the main thread is blocked inside MXNet, where Python runs no handler (the
+    C-level handler writes the signal number to a wakeup fd): it prints `STOP_LINE` for the launcher and
     exits the process `STOP_GRACE` s after the first signal if it has not ended by then (a job that cannot
     stop, e.g. a peer died, must still leave no process behind)."""
 
@@ -148,25 +147,18 @@ class StopSignals:
         if announce:
             read_end, self.wakeup = os.pipe()
             os.set_blocking(self.wakeup, False)
-            self.old_wakeup = signal.set_wakeup_fd(self.wakeup)
+            signal.set_wakeup_fd(self.wakeup)
             threading.Thread(target=self._watch, args=(read_end, grace), daemon=True).start()
 
     @staticmethod
     def _watch(read_end, grace):
-        first = os.read(read_end, 1)
-        if not first:
-            return   # restored before any signal
-        sig = signal.Signals(first[0])
+        sig = signal.Signals(os.read(read_end, 1)[0])
         try:
             sys.stdout.write(STOP_LINE.format(sig.name) + '\n')
             sys.stdout.flush()
         except (OSError, ValueError):
             pass     # nobody reads any more (ssh gone)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([read_end], [], [], deadline - time.monotonic())
-            if ready and not os.read(read_end, 64):
-                time.sleep(max(0.0, deadline - time.monotonic()))   # restored: only the deadline is left
+        time.sleep(grace)
         try:
             sys.stderr.write(f'{sig.name}: not stopped within {grace:.0f} s, exiting\n')
         except (OSError, ValueError):
@@ -174,13 +166,11 @@ class StopSignals:
         os._exit(128 + sig)
 
     def restore(self):
-        """Back to the previous handlers; a deadline already running keeps running."""
+        """Back to the previous handlers. A process of a dist job keeps ignoring stop signals instead, and
+        the watcher its deadline: it is about to exit, and a signal the launcher forwards after the workers
+        already agreed to stop must not kill it on the way out."""
         for s, h in self.old.items():
-            signal.signal(s, h)
-        if self.wakeup is not None:
-            signal.set_wakeup_fd(self.old_wakeup)
-            os.close(self.wakeup)
-            self.wakeup = None
+            signal.signal(s, h if self.wakeup is None else _ignore)
 
 
 class StopVote:
@@ -212,11 +202,15 @@ class StopVote:
         return {rank: signal.Signals(int(s)) for rank, s in enumerate(self.total.asnumpy()) if s}
 
 
+def _ignore(signum, frame):
+    """A Python-level handler that does nothing: the C-level one still wakes the watcher."""
+
+
 def serve():
     """Scheduler or server of a launched job. `import mxnet` serves until the workers finish (MXNet then
     exits). A stop signal is announced to the launcher, which stops the workers, and serving goes on so they
     can finish their step and exit together (at most `STOP_GRACE` s)."""
-    StopSignals(lambda signum, frame: None)
+    StopSignals(_ignore)
     import mxnet  # noqa: F401  (the import is the server; it returns when the workers have finished)
 
 
