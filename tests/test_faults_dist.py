@@ -182,6 +182,16 @@ def test_sigint_to_a_server_stops_the_job(data_dir, tmp_path):
     _assert_gone(job)
 
 
+def test_killed_server_fails_the_job_naming_it(data_dir, tmp_path):
+    """SIGKILL is no stop signal: the job cannot go on, the launcher kills the rest and names the server."""
+    job = _start(data_dir, tmp_path / 'models')
+    job.wait_for(r'^\[worker \d\] Epoch\[0\] Batch\[2\]')
+    os.kill(job.pid_of('server'), signal.SIGKILL)
+    assert job.finish() == 2, job.text()[-3000:]
+    assert 'error: server 0 failed with signal 9; stopped the other processes' in job.text()
+    _assert_gone(job)
+
+
 def test_killed_launcher_leaves_no_process(data_dir, tmp_path):
     """SIGKILL to the launcher: its children get SIGTERM from the kernel (PR_SET_PDEATHSIG) and stop."""
     models = tmp_path / 'models'
