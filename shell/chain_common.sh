@@ -11,6 +11,7 @@ NETWORK="${NETWORK:-demo}"
 LOSS="${LOSS:-${DEMO_LOSS:-nsoftmax}}"
 DATASET="${DATASET:-demo_fairface}"
 CTX="${CTX:-${DEMO_CTX:-cpu:1}}"
+SEED="${SEED:-0}"   # every training step's --seed (initialisation, data order, augmentation)
 PRETRAINED_RUN="${PRETRAINED_RUN:-$MODELS_ROOT/$NETWORK-$LOSS-demo}"
 STEP1_RUN="${STEP1_RUN:-fairface-step1}"
 STEP2_RUN="${STEP2_RUN:-fairface-step2}"
@@ -39,7 +40,7 @@ train_step() {
   [ -f "$pointer" ] && mv "$pointer" "$pointer.previous"
   if ! python -u train/train.py --network "$NETWORK" --loss "$LOSS" --dataset "$DATASET" --data-dir "$data" \
       --models-root "$MODELS_ROOT" --run-name "$run" --pretrained "$from" --ckpt 2 --val-targets "" \
-      --warmup 0 --lr-steps "" --ctx "$CTX" "$@" || [ ! -f "$pointer" ]; then
+      --warmup 0 --lr-steps "" --ctx "$CTX" --seed "$SEED" "$@" || [ ! -f "$pointer" ]; then
     [ -f "$pointer.previous" ] && mv "$pointer.previous" "$pointer"
     echo "error: [$name] training failed; $pointer left as it was" >&2
     exit 2

@@ -5,8 +5,8 @@
 set -eo pipefail
 . "$(dirname "$0")/env.sh"
 start=$(date +%s)
-python data_process/make_demo_data.py --out datasets
-python data_process/show_record.py --rec datasets/demo_fairface/train.rec --out results/train_records.png --n 64
+python data_process/make_demo_data.py --out datasets --seed "${DATA_SEED:-0}"
+python data_process/show_record.py --rec datasets/demo_fairface/train.rec --out results/train_records.png --n 64 --shuffle
 ./shell/train.sh
 ./shell/fairface_finetune.sh
 ./shell/fairface_step2_finetune.sh

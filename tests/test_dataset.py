@@ -9,9 +9,9 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.data.dataset import FaceRecordDataset, batch_to_nchw, train_loader
+from recognition.data.dataset import _caption, FaceRecordDataset, batch_to_nchw, train_loader
 from recognition.data.record import IdentityRecordWriter
-from recognition.data.transforms import TrainTransform, train_transform
+from recognition.data.transforms import TrainTransform, sample_rng, train_transform
 from recognition.utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,18 +108,40 @@ def test_insightface_scalar_label_rec_as_dataset(tmp_path):
 def test_transforms_mirror_and_augment(rec):
     img = cv2.cvtColor(cv2.imdecode(np.frombuffer(face(1, 1), np.uint8), 1), cv2.COLOR_BGR2RGB)
     plain, flipped = img, img[:, ::-1]
-    mirror = TrainTransform(mirror=True, seed=3)
-    outs = [mirror(img) for _ in range(20)]
+    mirror = TrainTransform(mirror=True)
+    outs = [mirror(img, sample_rng(3, 0, i)) for i in range(20)]
     assert all(np.array_equal(o, plain) or np.array_equal(o, flipped) for o in outs)
     assert any(np.array_equal(o, flipped) for o in outs) and any(np.array_equal(o, plain) for o in outs)
-    full = pickle.loads(pickle.dumps(train_transform(color=True, cutoff=True, compress=True, seed=1)))
-    outs = [full(img) for _ in range(10)]
+    full = pickle.loads(pickle.dumps(train_transform(color=True, cutoff=True, compress=True)))
+    outs = [full(img, sample_rng(1, 0, i)) for i in range(10)]
     assert all(o.shape == (112, 112, 3) and o.dtype == np.float32 and 0 <= o.min() and o.max() <= 255 for o in outs)
     assert any(not np.array_equal(o, plain) and not np.array_equal(o, flipped) for o in outs)
-    cut = TrainTransform(mirror=False, cutoff=40, seed=0)
-    assert any((o == 128).all(axis=2).sum() >= 20 * 20 for o in (cut(img) for _ in range(10)))
-    single = FaceRecordDataset(rec, transform=TrainTransform(mirror=True, seed=0))[0][0]
+    # The same key gives the same augmentation; another epoch or seed another one.
+    np.testing.assert_array_equal(full(img, sample_rng(1, 0, 4)), outs[4])
+    assert not np.array_equal(full(img, sample_rng(1, 1, 4)), outs[4])
+    assert not np.array_equal(full(img, sample_rng(2, 0, 4)), outs[4])
+    cut = TrainTransform(mirror=False, cutoff=40)
+    assert any((o == 128).all(axis=2).sum() >= 20 * 20 for o in (cut(img, sample_rng(0, 0, i)) for i in range(10)))
+    single = FaceRecordDataset(rec, transform=TrainTransform(mirror=True))[0][0]
     assert single.shape == (3, 112, 112) and single.dtype == np.float32
+
+
+def test_augmented_batches_do_not_depend_on_workers_or_resume_point(rec):
+    """Each sample's augmentation is keyed by (seed, epoch, index): 0 or 2 workers, and a loader that
+    starts mid-epoch, give the same bits."""
+    ds = FaceRecordDataset(rec, transform=train_transform(mirror=True, color=True, cutoff=True, compress=True))
+    epochs = {}
+    for workers in (0, 2):
+        loader = train_loader(ds, 4, seed=5, num_workers=workers)
+        epochs[workers] = [[d.asnumpy() for d, _ in loader] for _ in range(2)]
+    for e in range(2):
+        for a, b in zip(epochs[0][e], epochs[2][e]):
+            np.testing.assert_array_equal(a, b)
+    late = [d.asnumpy() for d, _ in train_loader(ds, 4, seed=5, epoch=1, start_batch=1)]
+    for a, b in zip(late, epochs[0][1][1:]):
+        np.testing.assert_array_equal(a, b)
+    other = [d.asnumpy() for d, _ in train_loader(ds, 4, seed=6)]
+    assert not all(np.array_equal(a, b) for a, b in zip(other, epochs[0][0]))
 
 
 def test_train_loader_order_resume_and_subset(rec):
@@ -159,11 +181,19 @@ def test_batches_of_float_transforms_and_the_batch_conversion(rec):
     assert isinstance(out, mx.nd.NDArray) and out.dtype == np.float32
     np.testing.assert_array_equal(out.asnumpy(), hwc.transpose(0, 3, 1, 2).astype(np.float32))
     np.testing.assert_array_equal(batch_to_nchw(mx.nd.array(hwc, dtype=np.uint8)).asnumpy(), out.asnumpy())
-    ds = FaceRecordDataset(rec, transform=train_transform(mirror=False, color=0.5, seed=0))
+    ds = FaceRecordDataset(rec, transform=train_transform(mirror=False, color=0.5))
     for workers in (0, 1):
         batches = [d.asnumpy() for d, _ in train_loader(ds, 6, shuffle=False, num_workers=workers)]
         assert len(batches) == 2 and batches[0].shape == (6, 3, 112, 112) and batches[0].dtype == np.float32
         assert 0 <= batches[0].min() and batches[0].max() <= 255 and not np.all(batches[0] == np.round(batches[0]))
+
+
+def test_captions_keep_whole_names_within_the_tile(rec):
+    ds = FaceRecordDataset(rec)
+    lines = _caption(ds, ds.read_raw(8)[1], 112, 0.33)
+    assert lines == ['id 3 gender=male', 'skin_colour=dark']
+    narrow = _caption(ds, ds.read_raw(8)[1], 70, 0.33)   # no pair fits: each breaks after its '='
+    assert narrow == ['id 3', 'gender=', 'male', 'skin_colour=', 'dark']
 
 
 def test_show_record_cli(tmp_path, rec, monkeypatch):

@@ -15,7 +15,7 @@ from mxnet.base import _LIB, check_call
 import mxnet as mx
 
 from recognition.data.record import RecordFile, read_layout, unpack_header
-from recognition.data.transforms import to_chw
+from recognition.data.transforms import sample_rng, to_chw
 from recognition.utils import UserError
 
 
@@ -128,12 +128,16 @@ class FaceRecordDataset(gluon.data.Dataset):
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
-    def sample(self, i):
-        """(transformed RGB HWC image, label) of sample i: uint8, or float32 after colour jitter."""
+    def sample(self, i, seed=0, epoch=0):
+        """(transformed RGB HWC image, label) of sample i: uint8, or float32 after colour jitter.
+
+        The augmentation draws from `sample_rng(seed, epoch, i)`: the same sample in the same epoch of
+        the same run is augmented the same way, whichever process reads it and whenever.
+        """
         body, label = self.read_raw(i)
         img = self.decode(body, f'{self._files[self._shard[i]].rec_path} record {int(self._keys[i])}')
         if self.transform is not None:
-            img = self.transform(img)
+            img = self.transform(img, sample_rng(seed, epoch, i))
         if self.return_attributes:
             return img, np.concatenate([label[:1], label[2:]])
         return img, np.float32(self._labels[i])
@@ -239,24 +243,26 @@ def _numpy_view(array):
 
 
 class _BatchReader(gluon.data.Dataset):
-    """A dataset whose items are whole batches: reader[indices] -> (B x H x W x 3 images, labels).
+    """A dataset whose items are whole batches: reader[(epoch, indices)] -> (B x H x W x 3 images, labels).
 
     Each image is decoded, transformed and written straight into its slot of the batch. In a worker
     process the batch is an NDArray in shared memory, so only a handle crosses to the main process;
     it stays HWC uint8 (4x less memory than float32) and is converted once per batch in the main one.
     """
 
-    def __init__(self, dataset, shared):
+    def __init__(self, dataset, shared, seed):
         self.dataset = dataset
         self.shared = shared
+        self.seed = seed
 
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, indices):
+    def __getitem__(self, item):
+        epoch, indices = item
         data = labels = out = None
         for j, i in enumerate(indices):
-            img, label = self.dataset.sample(i)
+            img, label = self.dataset.sample(i, self.seed, epoch)
             if out is None:   # the first sample fixes the dtype (float32 after colour jitter)
                 shape = (len(indices),) + img.shape
                 if self.shared:
@@ -276,13 +282,17 @@ def _whole_batch(samples):
 
 
 class _WholeBatches(gluon.data.Sampler):
-    """Each batch of indices wrapped as a single item, so one worker task reads one whole batch."""
+    """Each batch of indices wrapped as a single item `(epoch, indices)`, so one worker task reads one
+    whole batch and knows the epoch that keys its augmentation."""
 
-    def __init__(self, batch_sampler):
+    def __init__(self, batch_sampler, sampler):
         self.batch_sampler = batch_sampler
+        self.sampler = sampler
 
     def __iter__(self):
-        return ([batch] for batch in self.batch_sampler)
+        epoch = self.sampler.epoch   # read before the batch sampler's iteration advances it
+        for batch in self.batch_sampler:
+            yield [(epoch, batch)]
 
     def __len__(self):
         return len(self.batch_sampler)
@@ -314,8 +324,8 @@ class FaceLoader:
         self.sampler = EpochSampler(indices, shuffle=shuffle, seed=seed, part=part)
         self.sampler.set_epoch(epoch, start_batch * batch_size)
         self.batch_sampler = gluon.data.BatchSampler(self.sampler, batch_size, last_batch)
-        self._loader = gluon.data.DataLoader(_BatchReader(dataset, shared=num_workers > 0),
-                                             batch_sampler=_WholeBatches(self.batch_sampler),
+        self._loader = gluon.data.DataLoader(_BatchReader(dataset, shared=num_workers > 0, seed=seed),
+                                             batch_sampler=_WholeBatches(self.batch_sampler, self.sampler),
                                              batchify_fn=_whole_batch, num_workers=num_workers)
 
     def set_epoch(self, epoch, start_batch=0):
@@ -344,15 +354,20 @@ def train_loader(dataset, batch_size, num_workers=0, shuffle=True, seed=0, ident
 
 
 def _caption(dataset, label, width, scale):
-    """Caption words (identity, then attribute=meaning) wrapped greedily to the tile width."""
+    """Caption words (identity, then attribute=meaning) wrapped greedily to the tile width; a pair too
+    wide for one line breaks after its '='."""
+    def fits(text):
+        return cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] <= width - 4
+
     words = ['id %d' % label[0]]
     for name, value in zip(dataset.attribute_names, label[2:]):
         meaning = dataset.attribute_codes.get(name, {}).get(int(value)) if float(value).is_integer() else None
-        words.append('%s=%s' % (name[:4], meaning or ('%g' % value)))
+        word = '%s=%s' % (name, meaning or ('%g' % value))
+        words += [word] if fits(word) else [name + '=', meaning or ('%g' % value)]
     lines = ['']
     for word in words:
         candidate = (lines[-1] + ' ' + word).strip()
-        if lines[-1] and cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 4:
+        if lines[-1] and (lines[-1].endswith('=') or not fits(candidate)):
             lines.append(word)
         else:
             lines[-1] = candidate

@@ -4,11 +4,10 @@ after colour jitter; normalisation is inside the network): the dataset turns sin
 float32, while the loader stacks HWC batches and converts whole batches, which is much cheaper than
 a float CHW copy per sample. Everything is numpy/cv2 on one sample: no per-sample NDArray overhead.
 
-A transform is picklable and draws from a per-process generator, so DataLoader workers forked from
-one parent do not repeat each other's augmentations.
+A transform holds no generator: every call is given one. The loader keys it by (seed, epoch, sample
+index), so the augmentation of a sample never depends on which worker process read it, in what order,
+or where a resumed run started.
 """
-import os
-
 import cv2
 import numpy as np
 
@@ -61,31 +60,16 @@ class TrainTransform:
     """Random mirror (p=0.5), JPEG compress (p=0.5), colour jitter, cutoff (p=0.5) on HWC RGB.
 
     `color`: jitter strength (True means insightface's 0.125; 0 off). `cutoff`: square size in pixels
-    (True means 56). `seed`: None draws fresh entropy per process; an int makes each process's
-    stream reproducible from (seed, pid).
+    (True means 56). Each call draws from the generator it is given (see `sample_rng`).
     """
 
-    def __init__(self, mirror=True, color=0, cutoff=False, compress=False, seed=None):
+    def __init__(self, mirror=True, color=0, cutoff=False, compress=False):
         self.mirror = bool(mirror)
         self.color = DEFAULT_COLOR_STRENGTH if color is True else float(color)
         self.cutoff = DEFAULT_CUTOFF if cutoff is True else int(cutoff)
         self.compress = bool(compress)
-        self.seed = seed
-        self._rng, self._pid = None, None
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state['_rng'] = state['_pid'] = None
-        return state
-
-    def rng(self):
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._rng = np.random.default_rng(None if self.seed is None else [self.seed, self._pid])
-        return self._rng
-
-    def __call__(self, img):
-        rng = self.rng()
+    def __call__(self, img, rng):
         if self.mirror and rng.random() < 0.5:
             img = img[:, ::-1]
         if self.compress and rng.random() < 0.5:
@@ -101,6 +85,11 @@ class TrainTransform:
                 f'compress={self.compress})')
 
 
-def train_transform(mirror=True, color=0, cutoff=False, compress=False, seed=None):
+def sample_rng(seed, epoch, index):
+    """The generator of one sample's augmentation in one epoch: a pure function of its key."""
+    return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+def train_transform(mirror=True, color=0, cutoff=False, compress=False):
     """The training augmentation as insightface's FaceImageIter applies it."""
-    return TrainTransform(mirror=mirror, color=color, cutoff=cutoff, compress=compress, seed=seed)
+    return TrainTransform(mirror=mirror, color=color, cutoff=cutoff, compress=compress)

@@ -10,6 +10,7 @@ resume snapshot. `--resume` restores parameters, optimizer state, step, schedule
 masks are drawn from a generator reseeded from (seed, step) every step, so a resumed run repeats exactly
 the steps a straight run would have taken.
 """
+import contextlib
 import glob
 import math
 import os
@@ -21,6 +22,7 @@ import time
 import numpy as np
 
 from .. import checkpoint, distributed
+from ..locking import folder_lock
 from ..utils import UserError
 from . import kvstore as kvstore_setup
 from .monitor import Monitor, get_logger
@@ -126,6 +128,19 @@ class TrainingSession:
         self.chief = self.topology.is_chief
         self.run_dir = run_folder(opts)
         self.prefix = os.path.join(self.run_dir, 'model')
+        # One run per run folder: a second would prune this one's snapshots and interleave train.log.
+        self._lock = contextlib.ExitStack()
+        if self.chief:
+            self._lock.enter_context(folder_lock(self.run_dir, 'training run'))
+        try:
+            self._build(net, head, dataset)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _build(self, net, head, dataset):
+        """The rest of `__init__`, under the run-folder lock."""
+        mx, opts = self.mx, self.opts
         self.show_bar = opts.get('progress_bar')
         if self.show_bar is None:
             self.show_bar = sys.stdout.isatty()
@@ -320,7 +335,8 @@ class TrainingSession:
         self.plateau.load_state_dict(state['plateau'])
         self._join_kvstore()
         if state['states'] and not self.topology.server_updates:
-            self.trainer.load_states(state['states'])
+            checkpoint.restore_optimizer(self.trainer, state['optimizer'], state['optimizer_arrays'],
+                                         state['states'])
         # With dist_async the optimizer's update count drives the schedule on the servers (ServerSchedule);
         # it is sent there at the first step, so starting it at the resumed step resumes the schedule too.
         self.trainer.optimizer.begin_num_update = self.trainer.optimizer.num_update = self.step
@@ -511,7 +527,8 @@ class TrainingSession:
         os.makedirs(self.run_dir, exist_ok=True)
         self.monitor = Monitor(self.log, self.global_batch, opts.frequent,
                                logdir=os.path.join(self.run_dir, 'logs') if self.chief else None,
-                               total_steps=int(opts.max_steps or 0), start_step=self.step,
+                               total_steps=int(opts.max_steps or 0) or int(opts.end_epoch) * self.steps_per_epoch,
+                               start_step=self.step,
                                show_bar=self.show_bar)
         self._stopped_by = {}
         self._stop_vote = (distributed.StopVote(self.topology.kvstore, self.topology.rank,
@@ -574,7 +591,12 @@ class TrainingSession:
         finally:
             signals.restore()
             self.monitor.close()
+            self.close()
         return self._summary(losses, verify_results)
+
+    def close(self):
+        """Release the run folder's lock (`run` does when it ends; for a session that is not run)."""
+        self._lock.close()
 
     def _summary(self, losses, verify_results, interrupted=None):
         return {'step': self.step, 'epoch': self.epoch, 'losses': losses, 'verification': verify_results,

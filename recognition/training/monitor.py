@@ -37,13 +37,30 @@ def get_logger(log_file=None, use_tqdm=False):
     return log
 
 
+def log_interval(frequent, total_steps):
+    """`--frequent`, lowered for short runs so that a run of known length logs about ten times."""
+    frequent = max(1, int(frequent))
+    return min(frequent, max(1, total_steps // 10)) if total_steps else frequent
+
+
+def format_duration(seconds):
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return '%dh%02dm' % (seconds // 3600, seconds % 3600 // 60)
+    return '%dm%02ds' % (seconds // 60, seconds % 60) if seconds >= 60 else '%ds' % seconds
+
+
 class Monitor:
-    """Window averages of loss/accuracy every `frequent` batches, like insightface's Speedometer."""
+    """Window averages of loss/accuracy every `frequent` steps, like insightface's Speedometer, with the
+    step count out of the total and the time left when the total is known."""
 
     def __init__(self, log, batch_size, frequent, logdir=None, total_steps=0, start_step=0, show_bar=None):
         self.log = log
         self.batch_size = batch_size
-        self.frequent = max(1, int(frequent))
+        self.total_steps = int(total_steps or 0)
+        self.frequent = log_interval(frequent, self.total_steps)
+        self.start_step = start_step
+        self.started = time.time()
         self.writer = None
         if logdir:
             from mxboard import SummaryWriter
@@ -64,7 +81,7 @@ class Monitor:
         self.seen = 0
 
     def batch(self, step, epoch, nbatch, loss, correct, count, lr):
-        """Account one batch; every `frequent` batches log the window's speed, loss, accuracy and lr."""
+        """Account one batch; every `frequent` steps log the window's speed, loss, accuracy and lr."""
         self.n += 1
         self.loss_sum += loss
         self.correct += correct
@@ -72,13 +89,19 @@ class Monitor:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss='%.4f' % loss, lr='%g' % lr, refresh=False)
-        if nbatch % self.frequent:
+        if step % self.frequent and step != self.total_steps:
             return None
-        speed = self.n * self.batch_size / max(1e-9, time.time() - self.tic)
+        now = time.time()
+        speed = self.n * self.batch_size / max(1e-9, now - self.tic)
         mean_loss = self.loss_sum / self.n
         acc = self.correct / max(1, self.seen)
-        self.log.info('Epoch[%d] Batch[%d] Speed: %.2f samples/sec loss=%f acc=%f lr=%g',
-                      epoch, nbatch, speed, mean_loss, acc, lr)
+        progress = ''
+        if self.total_steps:
+            done = step - self.start_step
+            left = (now - self.started) / max(done, 1) * (self.total_steps - step)
+            progress = ' step %d/%d eta %s' % (step, self.total_steps, format_duration(left))
+        self.log.info('Epoch[%d] Batch[%d] Speed: %.2f samples/sec loss=%f acc=%f lr=%g%s',
+                      epoch, nbatch, speed, mean_loss, acc, lr, progress)
         self.scalars(step, {'train/loss': mean_loss, 'train/acc': acc, 'train/lr': lr,
                             'train/samples_per_sec': speed})
         self._reset()
@@ -91,8 +114,9 @@ class Monitor:
             self.writer.add_scalar(tag, float(value), global_step=step)
 
     def exclude(self, seconds):
-        """Leave `seconds` (verification, checkpointing) out of the speed window."""
+        """Leave `seconds` (verification, checkpointing) out of the speed window and the time left."""
         self.tic += seconds
+        self.started += seconds
 
     def close(self):
         if self.bar is not None:
