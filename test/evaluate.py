@@ -6,11 +6,13 @@ on the same pairs.
         --metadata val/metadata.csv --out reports/val [--bootstrap 1000 --seed 0] [--compare other.csv]
 """
 import argparse
+import os
 
 from recognition.evaluation.bootstrap import REPLICATES, bootstrap, compare
+from recognition.evaluation.ensemble import provenance_path
 from recognition.evaluation.fairness import evaluate_pairs, load_pairs
 from recognition.evaluation.report import comparison_text, summary_text, write_comparison, write_report
-from recognition.utils import UserError, run_cli
+from recognition.utils import UserError, read_json, run_cli
 
 
 def parse_args(argv=None):
@@ -29,6 +31,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def add_provenance(result, pairs, args):
+    """What test/predict.py recorded beside the predictions (models, fusion, post-processing), and the
+    figures of its raw fused scores with the post-processing's paired change, when it kept them."""
+    path = provenance_path(args.predictions)
+    if not os.path.isfile(path):
+        return
+    result['provenance'] = read_json(path, 'cannot read')
+    raw_name = result['provenance'].get('raw_scores')
+    if not raw_name:
+        return
+    raw_path = os.path.join(os.path.dirname(os.path.abspath(args.predictions)), raw_name)
+    if not os.path.isfile(raw_path):
+        raise UserError(f'{path}: names raw scores {raw_name}, which are not beside it')
+    raw_pairs = load_pairs(raw_path, args.ground_truth, args.metadata)
+    raw = evaluate_pairs(raw_pairs)
+    result['before_post_processing'] = {
+        'scores': raw_path, 'accuracy': raw['accuracy'], 'worst_group': raw['worst_group'],
+        'comparison': compare(raw_pairs, raw, pairs, result, args.bootstrap, args.seed,
+                              names=('raw fused', 'post-processed')) if args.bootstrap else None}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.bootstrap < 0:
@@ -40,6 +63,7 @@ def main(argv=None):
     result = evaluate_pairs(pairs)
     if args.bootstrap:
         result['intervals'] = bootstrap(pairs, result, args.bootstrap, args.seed)
+    add_provenance(result, pairs, args)
     paths = write_report(pairs, result, args.out)
     print(summary_text(result))
     print(f'\nreport: {paths["html"]}')

@@ -138,6 +138,38 @@ def comparison_rows(comparison, everything=False):
     return head, rows
 
 
+def provenance_lines(result):
+    """Which models, fusion and post-processing produced the scores (from test/predict.py's record)."""
+    prov = result.get('provenance')
+    if not prov:
+        return []
+    lines = [f'model {m["name"]}: {m["checkpoint"]} ({m["layer"]})' for m in prov.get('models', [])]
+    lines.append(f'fusion: {prov.get("fusion")}; post-processing: {", ".join(prov.get("post_processing") or []) or "none"}')
+    if prov.get('missing_pairs'):
+        lines.append(f'{prov["missing_pairs"]} pairs without an image scored {prov.get("missing_score")}')
+    return lines
+
+
+def post_processing_rows(result):
+    """The raw fused scores' accuracy beside the post-processed ones, with the paired change."""
+    before = result.get('before_post_processing')
+    if not before:
+        return None
+    raw = {'accuracy': before['accuracy'], 'worst_group': before['worst_group'], 'pairs': result['pairs']}
+    head, rows = accuracy_rows(raw)
+    rows = [['raw fused'] + rows[0], ['post-processed'] + accuracy_rows(result)[1][0]]
+    head = ['scores'] + head
+    if before.get('comparison'):
+        c = before['comparison']['values']
+        change = ['change (paired 95% interval)', '']
+        for path in ['accuracy/auc'] + [f'accuracy/tar_at_far/{k}' for k in result['accuracy']['tar_at_far']] + ['accuracy/eer']:
+            v, iv = c[path], c[path]['interval']
+            change.append(_fmt(v['difference']) + (' [n/a]' if iv is None else f' [{_fmt(iv[0])}, {_fmt(iv[1])}]')
+                          + ('*' if v['excludes_0'] else ''))
+        rows.append(change + [''])
+    return head, rows
+
+
 def comparison_text(comparison):
     note = (f'Paired comparison, {comparison["names"][1]} minus {comparison["names"][0]}: both score sets under '
             f'the same {comparison["replicates"]} subject-level resamples (seed {comparison["seed"]}); '
@@ -166,8 +198,11 @@ def text_table(head, rows):
 def summary_text(result):
     """What the CLI prints: accuracy, bias per attribute, the gender x skin colour groups' numbers, the
     worst group's ranking and how the intervals were made."""
-    parts = [text_table(*accuracy_rows(result)), text_table(*summary_rows(result)),
-             text_table(*group_rows(result, 'gender_skin'))]
+    parts = ['\n'.join(provenance_lines(result))] if result.get('provenance') else []
+    parts += [text_table(*accuracy_rows(result))]
+    if post_processing_rows(result):
+        parts.append(text_table(*post_processing_rows(result)))
+    parts += [text_table(*summary_rows(result)), text_table(*group_rows(result, 'gender_skin'))]
     worst = worst_group_text(result)
     return '\n\n'.join(parts + ([worst] if worst else []) + ['\n'.join(interval_notes(result)[:1])])
 
@@ -260,7 +295,10 @@ def write_report(pairs, result, out_dir, title='Face verification: accuracy and 
     """Write plots, report.md, report.html (images inlined) and report.json into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     plots = plot_all(pairs, result, out_dir)
-    sections = [('Accuracy', accuracy_rows(result)), ('Bias summary', summary_rows(result))]
+    sections = [('Accuracy', accuracy_rows(result))]
+    if post_processing_rows(result):
+        sections.append(('Before and after post-processing', post_processing_rows(result)))
+    sections.append(('Bias summary', summary_rows(result)))
     sections += [(f'Groups: {ATTR_TITLES[a]} ({result["mixed_pairs"][a]} mixed pairs in no group)',
                   group_rows(result, a)) for a in ATTRIBUTES]
     sections.append(('(d) per-cell AUC: cells used', cell_rows(result)))
@@ -272,7 +310,9 @@ def write_report(pairs, result, out_dir, title='Face verification: accuracy and 
             'the combinations that every group has; ratios = max/min per-group error rate at a global '
             'threshold (n/a when a group has no errors). [lo, hi] = 95% subject-level bootstrap interval.')
     notes = ([worst_group_text(result)] if worst_group_text(result) else []) + interval_notes(result)
-    md = [f'# {title}', '', note, '']
+    produced = provenance_lines(result)
+    md = [f'# {title}', '', note, ''] + (['## Produced by', ''] + [f'- {line}' for line in produced] + ['']
+                                        if produced else [])
     for name, (head, rows) in sections:
         md += [f'## {name}', '', _md_table(head, rows), '']
     md += ['## Worst group and intervals', ''] + [f'- {line}' for line in notes] + ['']
@@ -280,6 +320,8 @@ def write_report(pairs, result, out_dir, title='Face verification: accuracy and 
     with atomic_open(os.path.join(out_dir, 'report.md')) as f:
         f.write('\n'.join(md))
     body = [f'<h1>{html.escape(title)}</h1>', f'<p>{html.escape(note)}</p>']
+    if produced:
+        body += ['<h2>Produced by</h2>', '<ul>' + ''.join(f'<li>{html.escape(line)}</li>' for line in produced) + '</ul>']
     for name, (head, rows) in sections:
         body += [f'<h2>{html.escape(name)}</h2>', _html_table(head, rows)]
     body += ['<h2>Worst group and intervals</h2>', '<ul>' + ''.join(f'<li>{html.escape(line)}</li>'
