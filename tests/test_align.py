@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from skimage import data
 
-import recognition.align as align
-from recognition.align import (REPORT_HEADER, align_face, read_landmarks_file, select_face, template,
-                               transform_points)
+import recognition.alignment.fallbacks as align
+from recognition.alignment.fallbacks import align_face, select_face
+from recognition.alignment.folder import REPORT_HEADER
+from recognition.alignment.geometry import template, transform_points
+from recognition.alignment.landmarks_file import read_landmarks_file
 from recognition.data.bin import read_bin
 from recognition.utils import UserError
 

@@ -112,7 +112,7 @@ def test_cli_workers_exit_cleanly(tmp_path, monkeypatch):
     last gradients before exiting, or the chief waits for them forever (MXNet drops queued work at exit).
     Before the fix this set-up (the demo net at 112x112, 16 per worker, 8 steps) hung every time."""
     import cv2
-    from recognition.data import synthetic
+    from recognition.data import synthetic_faces as synthetic
     from recognition.data.record import IdentityRecordWriter
     rng = np.random.default_rng(0)
     with IdentityRecordWriter(str(tmp_path / 'train')) as writer:
