@@ -110,7 +110,6 @@ def _render_job(job):
     return out
 
 
-
 def _worker_init():
     cv2.setNumThreads(1)
 
