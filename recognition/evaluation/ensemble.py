@@ -20,39 +20,10 @@ result_fusion.py), with the seed's quirks fixed:
 import numpy as np
 from scipy import sparse
 
+from recognition.evaluation.pairs_csv import read_pairs_csv
 from recognition.utils import UserError, atomic_open
 
 FUSIONS = ('mean', 'concat', 'switch')
-
-
-def read_pairs_csv(path, value_column=None):
-    """(id1, id2, values or None, header) of a TEMPLATE_ID1,TEMPLATE_ID2[,...] CSV, ids as strings."""
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise UserError(f'{path}: cannot read ({e.strerror})') from None
-    if not lines:
-        raise UserError(f'{path}: empty file')
-    header = [h.strip() for h in lines[0].split(',')]
-    need = ['TEMPLATE_ID1', 'TEMPLATE_ID2'] + ([value_column] if value_column else [])
-    missing = [c for c in need if c not in header]
-    if missing:
-        raise UserError(f'{path}: header lacks {",".join(missing)} (got {lines[0]!r})')
-    rows = [line.split(',') for line in lines[1:] if line.strip()]
-    bad = next((n for n, r in enumerate(rows) if len(r) != len(header)), None)
-    if bad is not None:
-        raise UserError(f'{path}: row {bad + 2} has {len(rows[bad])} fields, the header has {len(header)}')
-    cols = list(zip(*rows)) if rows else [()] * len(header)
-    id1 = np.array([v.strip() for v in cols[header.index('TEMPLATE_ID1')]], dtype=object)
-    id2 = np.array([v.strip() for v in cols[header.index('TEMPLATE_ID2')]], dtype=object)
-    values = None
-    if value_column:
-        try:
-            values = np.array(cols[header.index(value_column)], dtype=np.float64)
-        except ValueError:
-            raise UserError(f'{path}: column {value_column} holds a value that is not a number') from None
-    return id1, id2, values, header
 
 
 def write_predictions(path, id1, id2, scores):
