@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from skimage import data as skdata
 
-from recognition.align import template
+from recognition.alignment.geometry import template
 from recognition.data.lst import LstItem, write_lst
 from recognition.data.packer import pack
 from recognition.data.record import IdentityRecordWriter, RecordFile, unpack_header

@@ -87,7 +87,7 @@ def interleaved_ms(photos, rounds):
 
 
 def align_rate(photos, workers):
-    from recognition.align import align_folder
+    from recognition.alignment.folder import align_folder
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, 'in')
         os.makedirs(src)

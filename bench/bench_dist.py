@@ -25,7 +25,7 @@ SPEED = re.compile(r'Speed: ([0-9.]+) samples/sec')
 
 
 def make_rec(folder, identities=32, per_identity=8, seed=0):
-    from recognition.data import synthetic
+    from recognition.data import synthetic_faces as synthetic
     from recognition.data.record import IdentityRecordWriter
     rng = np.random.default_rng(seed)
     with IdentityRecordWriter(os.path.join(folder, 'train')) as writer:

@@ -10,7 +10,7 @@ import time
 
 import cv2
 
-from recognition.data import synthetic as S
+from recognition.data import demo_sets as S
 
 
 def rate(kind, jobs):

@@ -10,7 +10,9 @@ import argparse
 import collections
 import sys
 
-from recognition.align import REPORT_NAME, align_folder, crop_size, read_landmarks_file
+from recognition.alignment.folder import REPORT_NAME, align_folder
+from recognition.alignment.geometry import crop_size
+from recognition.alignment.landmarks_file import read_landmarks_file
 from recognition.utils import parse_contexts, run_cli
 
 

@@ -12,7 +12,9 @@ import os
 
 import cv2
 
-from recognition.align import align_face, crop_size, read_landmarks_file, relative_key
+from recognition.alignment.fallbacks import align_face
+from recognition.alignment.geometry import crop_size
+from recognition.alignment.landmarks_file import read_landmarks_file, relative_key
 from recognition.data.bin import write_bin
 from recognition.data.pairs import parse_pairs
 from recognition.utils import UserError, run_cli

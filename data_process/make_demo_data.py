@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 import os
 
-from recognition.data.synthetic import DemoSizes, build_demo
+from recognition.data.demo_sets import DemoSizes, build_demo
 from recognition.utils import run_cli
 
 

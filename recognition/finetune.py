@@ -195,7 +195,7 @@ def evaluate_checkpoint(model, val_dir, out_dir, aligned_dir=None, ctx=None, bat
     Writes `out_dir/predictions.csv` and `out_dir/eval.json`; returns the evaluation result dict.
     Aligned crops go to `aligned_dir` (default `out_dir/aligned`) and are reused when present.
     """
-    from .align import align_folder
+    from .alignment.folder import align_folder
     from .checkpoint import parse_pretrained
     from .evaluation.ensemble import predict
     from .inference import load_embedder, template_images

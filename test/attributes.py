@@ -47,7 +47,7 @@ def main(argv=None):
     ids, codes = read_metadata(args.metadata, list(heads))
     image_dir = args.images
     if not args.already_aligned:
-        from recognition.align import align_folder
+        from recognition.alignment.folder import align_folder
         image_dir = args.aligned_dir or os.path.join(args.out, 'aligned')
         align_folder(args.images, image_dir, image_size=args.image_size, landmarks=args.landmarks or None,
                      num_workers=args.workers, skip_existing=True)

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from skimage import data
 
-import recognition.align as align
-from recognition.align import (REPORT_HEADER, align_face, read_landmarks_file, select_face, template,
-                               transform_points)
+import recognition.alignment.fallbacks as align
+from recognition.alignment.fallbacks import align_face, select_face
+from recognition.alignment.folder import REPORT_HEADER, REPORT_NAME, align_folder
+from recognition.alignment.geometry import template, transform_points
+from recognition.alignment.landmarks_file import read_landmarks_file
 from recognition.data.bin import read_bin
 from recognition.utils import UserError
 
@@ -208,6 +210,26 @@ def test_align_dataset_cli(tmp_path, env):
 
     bad = run(env, 'align_dataset_mtcnn.py', tmp_path / 'nowhere', out)
     assert bad.returncode == 2 and 'nowhere' in bad.stderr and 'Traceback' not in bad.stderr
+
+
+def test_align_folder_workers_match_one_process(tmp_path, detector):
+    """Spawned workers, started from a process whose MXNet engine already runs (the detector was used
+    here), write the same crops and report rows as the in-process run."""
+    src = tmp_path / 'in'
+    (src / 'p').mkdir(parents=True)
+    photo = face_photo()
+    align_face(photo, detector=detector)
+    points = template(112) * 1.5 + np.array([30.0, 40.0])
+    cv2.imwrite(str(src / 'p' / 'a.jpg'), photo)
+    cv2.imwrite(str(src / 'p' / 'b.png'), cv2.resize(photo, (160, 160)))
+    cv2.imwrite(str(src / 'p' / 'c.jpg'), dots_photo(points))
+    cv2.imwrite(str(src / 'blank.jpg'), np.full((90, 120, 3), 200, np.uint8))
+    runs = {n: align_folder(src, tmp_path / f'out{n}', landmarks={'p/c.jpg': points}, num_workers=n) for n in (1, 2)}
+    assert [r.status for r in runs[1]] == ['forced', 'detected', 'detected', 'given']
+    assert (tmp_path / 'out1' / REPORT_NAME).read_bytes() == (tmp_path / 'out2' / REPORT_NAME).read_bytes()
+    for row in runs[1]:
+        name = os.path.splitext(row.path)[0] + '.jpg'
+        assert (tmp_path / 'out1' / name).read_bytes() == (tmp_path / 'out2' / name).read_bytes()
 
 
 def make_people(root):

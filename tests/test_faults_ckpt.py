@@ -433,7 +433,7 @@ def test_predict_header_only_template(predict_setup):
 def test_predict_photo_that_failed_alignment(predict_setup):
     """A photo that exists but cannot be aligned (here: not a decodable image) is named as such, with
     the alignment report, not as a template id without an image."""
-    from recognition.align import template, transform_points
+    from recognition.alignment.geometry import template, transform_points
     root, cli = predict_setup
     photos = root / 'photos'
     photos.mkdir()

@@ -15,7 +15,7 @@ from recognition.config import generate_config
 from recognition.data.dataset import FaceRecordDataset
 from recognition.data.lst import LstItem, read_lst, write_lst
 from recognition.data.record import KNOWN_CODES, IdentityRecordWriter
-from recognition.data.synthetic import DemoSizes, build_demo
+from recognition.data.demo_sets import DemoSizes, build_demo
 from recognition.evaluation.ensemble import read_pairs_csv, write_predictions
 from recognition.evaluation.fairness import WORST_GROUP_CRITERIA, evaluate_predictions
 from recognition.losses import build_head

@@ -15,7 +15,7 @@ from easydict import EasyDict
 
 from recognition import checkpoint
 from recognition.config import generate_config
-from recognition.data import synthetic
+from recognition.data import synthetic_faces as synthetic
 from recognition.data.dataset import FaceRecordDataset
 from recognition.data.record import IdentityRecordWriter
 from recognition.losses import AuxiliaryTasks, CenterLoss, build_auxiliary, build_head

@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.align import bbox_crop, template
+from recognition.alignment.geometry import bbox_crop, template
 from recognition.data import packer
 from recognition.data.lst import LstItem, dir_to_lst, write_lst
 from recognition.data.record import IdentityRecordWriter, read_attributes

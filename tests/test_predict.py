@@ -93,7 +93,8 @@ def test_predict_aligns_photos_from_landmarks_and_detection(setup, tmp_path):
     transform (so their true landmarks are the moved template points), one is an astronaut photo that
     MTCNN must find. The written predictions are the model's scores of the crops in template order."""
     from skimage import data
-    from recognition.align import REPORT_NAME, read_report, template, transform_points
+    from recognition.alignment.folder import REPORT_NAME, read_report
+    from recognition.alignment.geometry import template, transform_points
     root, cli = setup
     photos = tmp_path / 'photos'
     photos.mkdir()

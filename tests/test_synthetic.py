@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from recognition.align import norm_crop
-from recognition.data import synthetic as S
+from recognition.alignment.geometry import norm_crop
+from recognition.data import demo_sets, synthetic_faces as faces
 from recognition.data.bin import read_bin
 from recognition.utils import UserError
 
-TINY = S.DemoSizes(emore_ids=8, emore_images=4, emore_ver_ids=8, ver_pairs=20, train_ids=8, train_images=4,
+TINY = demo_sets.DemoSizes(emore_ids=8, emore_images=4, emore_ver_ids=8, ver_pairs=20, train_ids=8, train_images=4,
                    eval_ids=8, eval_images=3, eval_pairs=40)
 
 
@@ -32,25 +32,25 @@ def _hashes(folder):
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp('demo')
-    summary = S.build_demo(out, seed=0, sizes=TINY, workers=1, log=lambda *a: None)
+    summary = demo_sets.build_demo(out, seed=0, sizes=TINY, workers=1, log=lambda *a: None)
     return out, summary
 
 
 def _identity(seed, i, group=(0, 0)):
-    return S.sample_identity(np.random.default_rng([seed, i]), *group, i)
+    return faces.sample_identity(np.random.default_rng([seed, i]), *group, i)
 
 
 def test_render_is_deterministic_per_seed():
     ident = _identity(3, 0)
-    var = S.sample_variation(ident, np.random.default_rng(7))
-    a, la = S.render_aligned(ident, var)
-    b, lb = S.render_aligned(ident, S.sample_variation(ident, np.random.default_rng(7)))
+    var = faces.sample_variation(ident, np.random.default_rng(7))
+    a, la = faces.render_aligned(ident, var)
+    b, lb = faces.render_aligned(ident, faces.sample_variation(ident, np.random.default_rng(7)))
     assert a.shape == (112, 112, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and np.array_equal(la, lb)
-    c, _ = S.render_aligned(ident, S.sample_variation(ident, np.random.default_rng(8)))
+    c, _ = faces.render_aligned(ident, faces.sample_variation(ident, np.random.default_rng(8)))
     assert np.abs(a.astype(int) - c).mean() > 3
-    p1, l1, box1 = S.render_photo(ident, var)
-    p2, l2, box2 = S.render_photo(ident, var)
+    p1, l1, box1 = faces.render_photo(ident, var)
+    p2, l2, box2 = faces.render_photo(ident, var)
     assert p1.shape == (250, 250, 3) and np.array_equal(p1, p2) and np.array_equal(l1, l2) and box1 == box2
 
 
@@ -60,10 +60,10 @@ def test_photo_landmarks_map_to_the_face():
     ratios = []
     inner = (slice(46, 98), slice(36, 76))   # between the eyes and the mouth in the 112x112 template
     for i in range(8):
-        ident = _identity(1, i, S.GROUPS[i % 4])
-        var = S.sample_variation(ident, np.random.default_rng([1, i, 0]))
-        aligned, _ = S.render_aligned(ident, var)
-        photo, lmk, box = S.render_photo(ident, var)
+        ident = _identity(1, i, faces.GROUPS[i % 4])
+        var = faces.sample_variation(ident, np.random.default_rng([1, i, 0]))
+        aligned, _ = faces.render_aligned(ident, var)
+        photo, lmk, box = faces.render_photo(ident, var)
         assert ((lmk >= 0) & (lmk < 250)).all() and 20 < box < 250
         eye = np.linalg.norm(lmk[1] - lmk[0])
 
@@ -82,9 +82,9 @@ def test_identities_separable_but_not_identical():
     data is learnable), yet they differ (so it is not trivial)."""
     feats, ids = [], []
     for i in range(12):
-        ident = _identity(5, i, S.GROUPS[i % 4])
+        ident = _identity(5, i, faces.GROUPS[i % 4])
         for j in range(5):
-            img, _ = S.render_aligned(ident, S.sample_variation(ident, np.random.default_rng([5, i, j])))
+            img, _ = faces.render_aligned(ident, faces.sample_variation(ident, np.random.default_rng([5, i, j])))
             x = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[24:104:2, 16:96:2].astype(np.float64).ravel()
             x -= x.mean()
             feats.append(x / np.linalg.norm(x))
@@ -101,34 +101,34 @@ def test_identities_separable_but_not_identical():
 
 
 def test_group_shares_and_planted_minority():
-    emore = S.make_identities(0, 'emore', 200, S.EMORE_SHARES)
-    counts = {g: sum(i.group == g for i in emore) for g in S.GROUPS}
-    assert counts == S.apportion(200, S.EMORE_SHARES) and sum(counts.values()) == 200
-    assert counts[S.MINORITY] == min(counts.values()) and counts[(1, 0)] == max(counts.values())
-    val = S.make_identities(0, 'val', 40, S.BALANCED_SHARES)
-    assert {g: sum(i.group == g for i in val) for g in S.GROUPS} == {g: 10 for g in S.GROUPS}
+    emore = demo_sets.make_identities(0, 'emore', 200, demo_sets.EMORE_SHARES)
+    counts = {g: sum(i.group == g for i in emore) for g in faces.GROUPS}
+    assert counts == demo_sets.apportion(200, demo_sets.EMORE_SHARES) and sum(counts.values()) == 200
+    assert counts[faces.MINORITY] == min(counts.values()) and counts[(1, 0)] == max(counts.values())
+    val = demo_sets.make_identities(0, 'val', 40, demo_sets.BALANCED_SHARES)
+    assert {g: sum(i.group == g for i in val) for g in faces.GROUPS} == {g: 10 for g in faces.GROUPS}
     # The minority is drawn from a narrower distribution: its identities are more alike.
-    people = [S.sample_identity(np.random.default_rng([9, n]), *g, n) for g in S.GROUPS for n in range(60)]
+    people = [faces.sample_identity(np.random.default_rng([9, n]), *g, n) for g in faces.GROUPS for n in range(60)]
     keys = ('face_w', 'face_top', 'face_bot', 'eye_x', 'eye_y', 'eye_w', 'nose_y', 'nose_w', 'mouth_y', 'mouth_w')
 
     def spread(group):
         v = np.array([[getattr(p, k) for k in keys] + list(p.skin_bgr / 100) for p in people if p.group == group])
         return v.std(0).mean()
 
-    minority = spread(S.MINORITY)
-    assert all(minority < 0.7 * spread(g) for g in S.GROUPS if g != S.MINORITY)
+    minority = spread(faces.MINORITY)
+    assert all(minority < 0.7 * spread(g) for g in faces.GROUPS if g != faces.MINORITY)
 
 
 def test_pairs_balanced_and_hard():
     rng = np.random.default_rng(0)
     members = {s: [f'{s}_{j}' for j in range(5)] for s in range(16)}
-    group_of = {s: S.GROUPS[s % 4] for s in members}
-    pairs = S.make_pairs(rng, members, members, group_of, 200)
+    group_of = {s: faces.GROUPS[s % 4] for s in members}
+    pairs = demo_sets.make_pairs(rng, members, members, group_of, 200)
     labels = [same for _, _, same in pairs]
     assert len(pairs) == 200 and labels[0::2] == [1] * 100 and labels[1::2] == [0] * 100
     key_group = {k: group_of[s] for s, ks in members.items() for k in ks}
     pos_groups = [key_group[a] for a, b, same in pairs if same]
-    assert {g: pos_groups.count(g) for g in S.GROUPS} == {g: 25 for g in S.GROUPS}
+    assert {g: pos_groups.count(g) for g in faces.GROUPS} == {g: 25 for g in faces.GROUPS}
     negatives = [(a, b) for a, b, same in pairs if not same]
     assert all(a.split('_')[0] != b.split('_')[0] for a, b in negatives)
     assert sum(key_group[a] == key_group[b] for a, b in negatives) > 0.7 * len(negatives)
@@ -139,7 +139,7 @@ def test_emore_layout_with_raw_recordio(demo):
     import mxnet as mx
     out, _ = demo
     folder = out / 'demo_emore'
-    assert sorted(os.listdir(folder)) == sorted(S.EMORE_FILES + (S.SUMMARY_FILE,))
+    assert sorted(os.listdir(folder)) == sorted(demo_sets.EMORE_FILES + (demo_sets.SUMMARY_FILE,))
     rec = mx.recordio.MXIndexedRecordIO(str(folder / 'train.idx'), str(folder / 'train.rec'), 'r')
     header, _ = mx.recordio.unpack(rec.read_idx(0))
     first, end = int(header.label[0]), int(header.label[1])
@@ -178,7 +178,7 @@ def test_fairface_layout(demo):
     out, summary = demo
     folder = out / 'demo_fairface'
     header, rows = _read_csv(folder / 'train_attributes.csv')
-    assert header == list(S.TRAIN_COLUMNS)
+    assert header == list(demo_sets.TRAIN_COLUMNS)
     for path, *_ in rows:
         assert cv2.imread(str(folder / 'train' / path)).shape == (112, 112, 3)
     rec = mx.recordio.MXIndexedRecordIO(str(folder / 'train.idx'), str(folder / 'train.rec'), 'r')
@@ -190,7 +190,7 @@ def test_fairface_layout(demo):
     assert len(os.listdir(folder / 'train')) == 8
     # the generator states what its codes mean; the packer copied them into the rec's sidecar
     codes = json.loads((folder / 'train_attributes.codes.json').read_text())
-    assert sorted(codes) == sorted(S.TRAIN_COLUMNS[2:]) and codes['AGE']['2'] == '55+'
+    assert sorted(codes) == sorted(demo_sets.TRAIN_COLUMNS[2:]) and codes['AGE']['2'] == '55+'
     side = json.loads((folder / 'train.attributes.json').read_text())
     assert side['codes']['head_pose'] == {'0': 'frontal', '1': 'non-frontal'}
     assert {int(r[4]) for r in rows} <= {int(k) for k in codes['AGE']}
@@ -199,7 +199,7 @@ def test_fairface_layout(demo):
     for split in ('val', 'test'):
         d = folder / split
         meta_header, meta = _read_csv(d / 'metadata.csv')
-        assert meta_header == list(S.METADATA_COLUMNS)
+        assert meta_header == list(demo_sets.METADATA_COLUMNS)
         assert json.loads((d / 'metadata.codes.json').read_text())['SOURCE'] == {'0': 'still', '1': 'video-frame'}
         assert len(meta) == 8 * 3 == len(os.listdir(d / 'images'))
         subjects[split] = {m[1] for m in meta}
@@ -228,12 +228,12 @@ def test_fairface_layout(demo):
 
 def test_build_is_deterministic_and_skips_complete_sets(demo, tmp_path):
     out, _ = demo
-    S.build_demo(tmp_path / 'a', seed=0, only='fairface', sizes=TINY, workers=2, log=lambda *a: None)
+    demo_sets.build_demo(tmp_path / 'a', seed=0, only='fairface', sizes=TINY, workers=2, log=lambda *a: None)
     assert _hashes(tmp_path / 'a' / 'demo_fairface') == _hashes(out / 'demo_fairface')
     messages = []
-    assert S.build_demo(tmp_path / 'a', seed=0, only='fairface', sizes=TINY, log=messages.append) == {}
+    assert demo_sets.build_demo(tmp_path / 'a', seed=0, only='fairface', sizes=TINY, log=messages.append) == {}
     assert 'kept' in messages[0]
-    S.build_demo(tmp_path / 'a', seed=1, only='fairface', sizes=TINY, force=True, log=lambda *a: None)
+    demo_sets.build_demo(tmp_path / 'a', seed=1, only='fairface', sizes=TINY, force=True, log=lambda *a: None)
     other, first = _hashes(tmp_path / 'a' / 'demo_fairface'), _hashes(out / 'demo_fairface')
     assert other['train.rec'] != first['train.rec'] and other['val.bin'] != first['val.bin']
     assert [p for p in os.listdir(tmp_path / 'a') if p.startswith('.')] == []
@@ -241,7 +241,7 @@ def test_build_is_deterministic_and_skips_complete_sets(demo, tmp_path):
 
 def test_bad_sizes_are_user_errors(tmp_path):
     with pytest.raises(UserError, match='--train-ids'):
-        S.build_demo(tmp_path, sizes=S.DemoSizes(train_ids=2))
+        demo_sets.build_demo(tmp_path, sizes=demo_sets.DemoSizes(train_ids=2))
     proc = subprocess.run([sys.executable, 'data_process/make_demo_data.py', '--out', str(tmp_path),
                            '--eval-images', '1'], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,6 +1,6 @@
 """The trainer on tiny data: multi-device equality, exact resume, learning, export, bad input.
 
-Data: synthetic faces (recognition.data.synthetic) resized to 32x32, packed into an identity-indexed rec,
+Data: synthetic faces (recognition.data.synthetic_faces) resized to 32x32, packed into an identity-indexed rec,
 plus an `lfw.bin` of pairs from identities held apart from training. Network: the registry's `demo`
 LResNet-IR at 32x32 with an nsoftmax head (s=16). The multi-device test uses a small conv net without
 dropout and with BatchNorm on running statistics instead: per-device dropout masks and per-device batch
@@ -19,7 +19,7 @@ from mxnet.gluon import nn
 
 from recognition import checkpoint
 from recognition.config import generate_config
-from recognition.data import synthetic
+from recognition.data import synthetic_faces as synthetic
 from recognition.data.bin import write_bin
 from recognition.data.record import IdentityRecordWriter
 from recognition.losses import build_head

@@ -110,7 +110,7 @@ def test_dist_sync_matches_one_process_and_resumes(data_dir, tmp_path, monkeypat
 def write_train_rec(folder):
     """16 synthetic identities x 8 aligned 112x112 faces as `folder/train.rec` (the demo net's input)."""
     import cv2
-    from recognition.data import synthetic
+    from recognition.data import synthetic_faces as synthetic
     from recognition.data.record import IdentityRecordWriter
     rng = np.random.default_rng(0)
     with IdentityRecordWriter(os.path.join(folder, 'train')) as writer:

@@ -16,7 +16,7 @@ import time
 import cv2
 import numpy as np
 
-from recognition.align import bbox_crop, norm_crop
+from recognition.alignment.geometry import bbox_crop, norm_crop
 from recognition.data.lst import read_lst, resolve_lst_path
 from recognition.data.record import KNOWN_CODES, IdentityRecordWriter, property_path, write_property
 from recognition.utils import UserError, atomic_open

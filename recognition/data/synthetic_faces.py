@@ -1,34 +1,24 @@
-"""Synthetic FairFace-shaped faces: a procedural cv2 renderer and the demo dataset builder.
+"""Synthetic FairFace-shaped faces: a procedural cv2 renderer with exactly known landmarks.
 
 A fresh machine has no face data, so the demo and the tests run on faces drawn here. Each identity
 has stable geometry, colours and marks; each image varies pose, expression, age, glasses, light,
 blur and noise. The 5 landmarks (left eye, right eye, nose tip, left/right mouth corner) are known
-exactly, so training crops are aligned with `recognition.align.norm_crop` from the true points and
-the val/test "photos" ship the true points for the alignment step.
+exactly, so training crops are aligned with `recognition.alignment.geometry.norm_crop` from the
+true points and photos come with their true points for the alignment step.
 
-The imbalance mirrors the FairFace challenge: dark-skinned females have fewer identities, and their
-identities are drawn from a narrower distribution (more alike), so a model trained on the data
-shows a measurable bias for that group that later finetuning can reduce.
-
-Every image has its own random stream, seeded by (seed, split, identity, image), so any subset
-renders to the same bytes in any order or process.
+Identities of the dark-skinned female group are drawn from a narrower distribution (more alike), so
+a model trained on them shows a measurable bias for that group (the demo sets also give the group
+fewer identities: `recognition.data.demo_sets`).
 """
-import csv
 import functools
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Optional
 
 import cv2
 import numpy as np
 
-from recognition.align import norm_crop, template
-from recognition.data.bin import write_bin
-from recognition.data.lst import dir_to_lst, write_lst
-from recognition.data.packer import codes_path, pack, write_codes
-from recognition.utils import UserError, atomic_open, write_json
+from recognition.alignment.geometry import norm_crop, template
 
 # Attribute codes (the architecture's contract): GENDER 0 female, 1 male; SKIN_COLOUR 0 light, 1 dark.
 GENDERS = ('female', 'male')
@@ -47,11 +37,6 @@ ATTRIBUTE_CODES = {'GENDER': dict(enumerate(GENDERS)), 'SKIN_COLOUR': dict(enume
 GROUPS = ((1, 0), (0, 0), (1, 1), (0, 1))
 GROUP_NAMES = {(1, 0): 'light male', (0, 0): 'light female', (1, 1): 'dark male', (0, 1): 'dark female'}
 MINORITY = (0, 1)
-# Shares of identities per group: MS1M is dominated by light-skinned males; the FairFace train split
-# is less skewed; val/test are balanced so every group has pairs.
-EMORE_SHARES = {(1, 0): 0.50, (0, 0): 0.25, (1, 1): 0.17, (0, 1): 0.08}
-FAIRFACE_SHARES = {(1, 0): 0.36, (0, 0): 0.30, (1, 1): 0.22, (0, 1): 0.12}
-BALANCED_SHARES = {g: 0.25 for g in GROUPS}
 # Identity parameters of the minority are drawn with this fraction of the usual spread.
 MINORITY_SPREAD = 0.5
 
@@ -59,7 +44,6 @@ IMAGE_SIZE = 112
 CANVAS = 144          # training renders: drawn on a 144x144 canvas, then aligned to 112x112
 CANVAS_SCALE = 40.0   # pixels per face unit on that canvas (face half-width is about 1 unit)
 PHOTO_SIZE = 250
-SPLIT_CODES = {'emore': 1, 'emore_ver': 2, 'train': 3, 'val': 4, 'test': 5}
 
 _ARC = np.linspace(0.0, 1.0, 9)
 _CIRCLES = {n: (np.cos(np.linspace(0, 2 * np.pi, n, endpoint=False)),
@@ -287,8 +271,6 @@ def sample_variation(ident, rng, pose='any'):
     var.attributes = {'GENDER': ident.gender, 'SKIN_COLOUR': ident.skin, 'AGE': age_group(age),
                       'GLASSES': int(glasses), 'HEAD_POSE': int(abs(yaw) >= 25), 'SOURCE': source}
     return var
-
-
 
 
 class _Sketch:
@@ -665,379 +647,3 @@ def render_photo(ident, var, size=PHOTO_SIZE):
     lmk = draw_face(img, ident, var, M)
     box = int(round(2 * ident.face_w * math.hypot(M[0, 0], M[1, 0])))
     return _photometric(img, var, lmk, rng), lmk, box
-
-
-# ----------------------------------------------------------------------------------------------
-# The demo datasets (layout: docs/architecture.md, "The demo datasets")
-
-@dataclass
-class DemoSizes:
-    """How big the demo sets are; the defaults keep the whole demo chain within minutes on 2 cores."""
-    emore_ids: int = 400        # MS1M-shaped pretraining identities (skewed to light-skinned males)
-    emore_images: int = 20      # mean images per emore identity (each draws 0.75x..1.25x)
-    emore_ver_ids: int = 60     # held-apart identities for lfw.bin and cfp_fp.bin
-    ver_pairs: int = 1000       # pairs in each of lfw.bin and cfp_fp.bin
-    train_ids: int = 150        # FairFace train identities
-    train_images: int = 20      # mean images per train identity
-    eval_ids: int = 40          # identities in each of val and test (balanced over the 4 groups)
-    eval_images: int = 10       # photos per val/test identity
-    eval_pairs: int = 3000      # pairs in each of val and test
-
-    def check(self):
-        for name, value in vars(self).items():
-            minimum = 4 if name.endswith('_ids') else 2
-            if not isinstance(value, int) or value < minimum:
-                raise UserError(f'--{name.replace("_", "-")}: must be an integer >= {minimum}, got {value!r}')
-
-
-EMORE_FILES = ('train.rec', 'train.idx', 'property', 'train.attributes.json', 'lfw.bin', 'cfp_fp.bin')
-EVAL_FILES = ('images', 'landmarks.txt', 'metadata.csv', 'predictions.csv', 'ground_truth.csv')
-FAIRFACE_FILES = ('train', 'train_attributes.csv', 'train.lst', 'train.rec', 'train.idx', 'property',
-                  'train.attributes.json', 'val.bin') + tuple(f'{s}/{f}' for s in ('val', 'test') for f in EVAL_FILES)
-SUMMARY_FILE = 'demo_summary.json'
-TRAIN_COLUMNS = ('path', 'SUBJECT_ID', 'GENDER', 'SKIN_COLOUR', 'AGE', 'GLASSES', 'HEAD_POSE')
-METADATA_COLUMNS = ('TEMPLATE_ID', 'SUBJECT_ID', 'AGE', 'SKIN_COLOUR', 'GENDER', 'HEAD_POSE', 'SOURCE', 'GLASSES',
-                    'BOUNDING_BOX_SIZE')
-
-
-def apportion(total, shares):
-    """Identities per group for `total`, by largest remainder (every group gets at least one)."""
-    raw = {g: total * shares[g] for g in GROUPS}
-    counts = {g: max(1, int(raw[g])) for g in GROUPS}
-    for g in sorted(GROUPS, key=lambda g: raw[g] - int(raw[g]), reverse=True):
-        if sum(counts.values()) >= total:
-            break
-        counts[g] += 1
-    while sum(counts.values()) > total:
-        counts[max(counts, key=counts.get)] -= 1
-    return counts
-
-
-def make_identities(seed, split, total, shares, first_id=0):
-    """The identities of a split: group counts by `shares`, in a seeded shuffled order."""
-    rng = np.random.default_rng([seed, SPLIT_CODES[split]])
-    counts = apportion(total, shares)
-    groups = [g for g in GROUPS for _ in range(counts[g])]
-    order = rng.permutation(len(groups))
-    return [sample_identity(np.random.default_rng([seed, SPLIT_CODES[split], i, 0]), *groups[j], first_id + i)
-            for i, j in enumerate(order)]
-
-
-def _encode(img, quality):
-    return cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
-
-
-def _render_job(job):
-    """Render the images of one identity (runs in worker processes; one random stream per image).
-
-    kind 'aligned': (jpeg, attributes); kind 'photo': (jpeg, attributes, landmarks, box, aligned jpeg).
-    """
-    kind, seed, split, index, ident, poses = job
-    out = []
-    for j, pose in enumerate(poses):
-        var = sample_variation(ident, np.random.default_rng([seed, SPLIT_CODES[split], index, 1, j]), pose)
-        if kind == 'aligned':
-            img, _ = render_aligned(ident, var)
-            out.append((_encode(img, 95), var.attributes))
-        else:
-            img, lmk, box = render_photo(ident, var)
-            out.append((_encode(img, 90), var.attributes, lmk, box, _encode(norm_crop(img, lmk), 95)))
-    return out
-
-
-def _worker_init():
-    cv2.setNumThreads(1)
-
-
-class _Renderer:
-    """Maps render jobs over a process pool (or in-process); results come back in job order.
-
-    Workers are spawned, not forked: a fork of a process whose OpenCV (or MXNet) thread pool is
-    already running can deadlock in the child.
-    """
-
-    def __init__(self, workers):
-        self.pool = None
-        if workers > 1:
-            import multiprocessing
-            self.pool = multiprocessing.get_context('spawn').Pool(workers, initializer=_worker_init)
-
-    def map(self, jobs):
-        return self.pool.imap(_render_job, jobs, chunksize=4) if self.pool else map(_render_job, jobs)
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-
-
-def make_pairs(rng, first, second, group_of, num_pairs, same_group=0.8):
-    """Balanced verification pairs, alternating positive and negative (every 10-fold split is balanced).
-
-    first/second: {subject: [image keys]}; a pair takes one key from first and one from second
-    (the same dict for ordinary pairs, frontal/profile dicts for cfp_fp). Positives are spread evenly
-    over the protected groups; negatives pair subjects of the same group with probability
-    `same_group` (hard pairs, as the challenge's) and of any other subject otherwise.
-    Returns a list of (key1, key2, same).
-    """
-    subjects = sorted(set(first) & set(second))
-    by_group = {}
-    for s in subjects:
-        by_group.setdefault(group_of[s], []).append(s)
-    positives = {g: [(a, b) for s in members for a in first[s] for b in second[s] if a < b or first is not second]
-                 for g, members in by_group.items()}
-    want = num_pairs // 2
-    chosen = []
-    groups = sorted(positives, key=lambda g: len(positives[g]))
-    for n, g in enumerate(groups):   # smallest first, leftovers go to the larger groups
-        quota = (want - len(chosen)) // (len(groups) - n)
-        pool = positives[g]
-        take = rng.choice(len(pool), min(quota, len(pool)), replace=False)
-        chosen += [pool[i] for i in sorted(take)]
-    pos = [chosen[i] for i in rng.permutation(len(chosen))]
-    neg, seen = [], set()
-    attempts = 0
-    while len(neg) < len(pos) and attempts < 100 * len(pos) + 1000:
-        attempts += 1
-        g = groups[len(neg) % len(groups)]
-        s1 = by_group[g][rng.integers(len(by_group[g]))]
-        others = by_group[g] if rng.random() < same_group and len(by_group[g]) > 1 else subjects
-        s2 = others[rng.integers(len(others))]
-        if s1 == s2:
-            continue
-        a = first[s1][rng.integers(len(first[s1]))]
-        b = second[s2][rng.integers(len(second[s2]))]
-        if (a, b) not in seen and (b, a) not in seen:
-            seen.add((a, b))
-            neg.append((a, b))
-    pos = pos[:len(neg)]
-    pairs = []
-    for (a, b), (c, d) in zip(pos, neg):
-        if rng.random() < 0.5:
-            a, b = b, a
-        pairs += [(a, b, 1), (c, d, 0)]
-    return pairs
-
-
-def _group_table(idents, counts=None):
-    rows = {}
-    for i, ident in enumerate(idents):
-        r = rows.setdefault(GROUP_NAMES[ident.group], [0, 0])
-        r[0] += 1
-        r[1] += counts[i] if counts is not None else 0
-    return {name: {'identities': r[0], 'images': r[1]} for name, r in sorted(rows.items())}
-
-
-def _pair_stats(pairs, group_of_key):
-    neg = [(a, b) for a, b, same in pairs if not same]
-    same_group = sum(group_of_key[a] == group_of_key[b] for a, b in neg)
-    return {'pairs': len(pairs), 'positive': len(pairs) - len(neg),
-            'negative_same_group': same_group, 'negative_cross_group': len(neg) - same_group}
-
-
-def _images_per_identity(seed, split, idents, mean):
-    rng = np.random.default_rng([seed, SPLIT_CODES[split], 1 << 20])
-    lo, hi = max(2, int(round(0.75 * mean))), max(2, int(round(1.25 * mean)))
-    return [int(rng.integers(lo, hi + 1)) for _ in idents]
-
-
-def _write_csv(path, header, rows):
-    """The CSV, plus the meanings of its coded attribute columns in codes_path(path)."""
-    with atomic_open(path, 'w', newline='') as f:
-        writer = csv.writer(f, lineterminator='\n')
-        writer.writerow(header)
-        writer.writerows(rows)
-    coded = {c: ATTRIBUTE_CODES[c] for c in header if c in ATTRIBUTE_CODES}
-    if coded:
-        write_codes(codes_path(path), coded)
-
-
-def _write_summary(folder, summary):
-    write_json(os.path.join(folder, SUMMARY_FILE), summary)
-
-
-def _build_emore(folder, seed, sizes, renderer):
-    idents = make_identities(seed, 'emore', sizes.emore_ids, EMORE_SHARES)
-    counts = _images_per_identity(seed, 'emore', idents, sizes.emore_images)
-    image_dir = os.path.join(folder, '_images')
-    rows = []
-    jobs = (('aligned', seed, 'emore', i, ident, ['any'] * n) for i, (ident, n) in enumerate(zip(idents, counts)))
-    for ident, results in zip(idents, renderer.map(jobs)):
-        sub = os.path.join(image_dir, '%06d' % ident.subject_id)
-        os.makedirs(sub)
-        for j, (data, attrs) in enumerate(results):
-            name = os.path.join(sub, '%04d.jpg' % j)
-            with open(name, 'wb') as f:
-                f.write(data)
-            rows.append((os.path.relpath(name, folder), ident.subject_id) + tuple(attrs[c] for c in TRAIN_COLUMNS[2:]))
-    write_lst(os.path.join(folder, 'train.lst'), dir_to_lst(image_dir, root=folder))
-    _write_csv(os.path.join(folder, '_attributes.csv'), TRAIN_COLUMNS, rows)
-    pack(os.path.join(folder, 'train'), attributes=os.path.join(folder, '_attributes.csv'))
-    for leftover in ('_images', 'train.lst', '_attributes.csv', codes_path('_attributes.csv')):
-        path = os.path.join(folder, leftover)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-    # Held-apart identities: half frontal and half profile-ish images each.
-    ver = make_identities(seed, 'emore_ver', sizes.emore_ver_ids, BALANCED_SHARES, first_id=len(idents))
-    half = max(2, sizes.emore_images // 4)
-    jobs = (('aligned', seed, 'emore_ver', i, ident, ['frontal'] * half + ['profile'] * half)
-            for i, ident in enumerate(ver))
-    images, frontal, profile, group_of = [], {}, {}, {}
-    for ident, results in zip(ver, renderer.map(jobs)):
-        for j, (data, attrs) in enumerate(results):
-            (frontal if j < half else profile).setdefault(ident.subject_id, []).append(len(images))
-            group_of[len(images)] = ident.group
-            images.append(data)
-    groups = {ident.subject_id: ident.group for ident in ver}
-    rng = np.random.default_rng([seed, SPLIT_CODES['emore_ver'], 1 << 21])
-    summary = {'train': _group_table(idents, counts), 'held_apart': _group_table(ver, [2 * half] * len(ver))}
-    for name, (first, second) in {'lfw': (frontal, frontal), 'cfp_fp': (frontal, profile)}.items():
-        pairs = make_pairs(rng, first, second, groups, sizes.ver_pairs)
-        write_bin(os.path.join(folder, name + '.bin'), [images[k] for a, b, _ in pairs for k in (a, b)],
-                  [bool(same) for _, _, same in pairs])
-        summary[name] = _pair_stats(pairs, group_of)
-    return summary
-
-
-def _build_eval(folder, split, seed, sizes, idents, renderer):
-    """val/ or test/: photos, true landmarks, metadata, the pair template and ground truth.
-
-    Returns (pairs as template id tuples, {template id: aligned jpeg}, summary).
-    """
-    os.makedirs(os.path.join(folder, 'images'))
-    jobs = (('photo', seed, split, i, ident, ['any'] * sizes.eval_images) for i, ident in enumerate(idents))
-    total = len(idents) * sizes.eval_images
-    template_ids = np.random.default_rng([seed, SPLIT_CODES[split], 1 << 22]).permutation(total).tolist()
-    meta, landmarks, aligned, by_subject, group_of = [], [], {}, {}, {}
-    k = 0
-    for ident, results in zip(idents, renderer.map(jobs)):
-        for data, attrs, lmk, box, crop in results:
-            tid = template_ids[k]
-            k += 1
-            with open(os.path.join(folder, 'images', f'{tid}.jpg'), 'wb') as f:
-                f.write(data)
-            meta.append((tid, ident.subject_id, attrs['AGE'], attrs['SKIN_COLOUR'], attrs['GENDER'],
-                         attrs['HEAD_POSE'], attrs['SOURCE'], attrs['GLASSES'], box))
-            landmarks.append((tid, ' '.join('%.2f' % v for v in np.asarray(lmk).reshape(-1))))
-            aligned[tid] = crop
-            by_subject.setdefault(ident.subject_id, []).append(tid)
-            group_of[tid] = ident.group
-    meta.sort()
-    landmarks.sort()
-    with atomic_open(os.path.join(folder, 'landmarks.txt')) as f:
-        f.writelines(f'{tid}.jpg {points}\n' for tid, points in landmarks)
-    _write_csv(os.path.join(folder, 'metadata.csv'), METADATA_COLUMNS, meta)
-    rng = np.random.default_rng([seed, SPLIT_CODES[split], 1 << 21])
-    pairs = make_pairs(rng, by_subject, by_subject, {i.subject_id: i.group for i in idents}, sizes.eval_pairs)
-    _write_csv(os.path.join(folder, 'predictions.csv'), ('TEMPLATE_ID1', 'TEMPLATE_ID2', 'SCORE'),
-               [(a, b, '') for a, b, _ in pairs])
-    _write_csv(os.path.join(folder, 'ground_truth.csv'), ('TEMPLATE_ID1', 'TEMPLATE_ID2', 'LABEL'), pairs)
-    summary = {'photos': _group_table(idents, [sizes.eval_images] * len(idents))}
-    summary.update(_pair_stats(pairs, group_of))
-    return pairs, aligned, summary
-
-
-def _build_fairface(folder, seed, sizes, renderer):
-    idents = make_identities(seed, 'train', sizes.train_ids, FAIRFACE_SHARES)
-    counts = _images_per_identity(seed, 'train', idents, sizes.train_images)
-    train_dir = os.path.join(folder, 'train')
-    rows = []
-    jobs = (('aligned', seed, 'train', i, ident, ['any'] * n) for i, (ident, n) in enumerate(zip(idents, counts)))
-    for ident, results in zip(idents, renderer.map(jobs)):
-        sub = '%05d' % ident.subject_id
-        os.makedirs(os.path.join(train_dir, sub))
-        for j, (data, attrs) in enumerate(results):
-            rel = f'{sub}/{j:04d}.jpg'
-            with open(os.path.join(train_dir, rel), 'wb') as f:
-                f.write(data)
-            rows.append((rel, ident.subject_id) + tuple(attrs[c] for c in TRAIN_COLUMNS[2:]))
-    _write_csv(os.path.join(folder, 'train_attributes.csv'), TRAIN_COLUMNS, rows)
-    write_lst(os.path.join(folder, 'train.lst'), dir_to_lst(train_dir, root=folder))
-    pack(os.path.join(folder, 'train'), attributes=os.path.join(folder, 'train_attributes.csv'))
-    summary = {'train': _group_table(idents, counts)}
-    next_id = len(idents)
-    for split in ('val', 'test'):
-        members = make_identities(seed, split, sizes.eval_ids, BALANCED_SHARES, first_id=next_id)
-        next_id += len(members)
-        pairs, aligned, summary[split] = _build_eval(os.path.join(folder, split), split, seed, sizes, members,
-                                                     renderer)
-        if split == 'val':
-            write_bin(os.path.join(folder, 'val.bin'), [aligned[t] for a, b, _ in pairs for t in (a, b)],
-                      [bool(same) for _, _, same in pairs])
-    return summary
-
-
-def _complete(folder, files):
-    return all(os.path.exists(os.path.join(folder, f)) for f in files)
-
-
-def build_demo(out_dir='datasets', seed=0, only=None, force=False, sizes=None, workers=1, log=print):
-    """Build datasets/demo_emore and/or datasets/demo_fairface (see docs/architecture.md).
-
-    Deterministic from `seed` (the same bytes for any `workers`). Each set is built in a temporary
-    folder and renamed into place at the end; an existing complete set is kept unless `force`.
-    Returns {set name: summary dict}.
-    """
-    sizes = sizes or DemoSizes()
-    sizes.check()
-    if only not in (None, 'emore', 'fairface'):
-        raise UserError(f'--only {only!r}: expected emore or fairface')
-    builders = {'emore': (_build_emore, EMORE_FILES), 'fairface': (_build_fairface, FAIRFACE_FILES)}
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    results = {}
-    renderer = None
-    try:
-        for name, (build, files) in builders.items():
-            if only and name != only:
-                continue
-            final = os.path.join(out_dir, 'demo_' + name)
-            if not force and _complete(final, files):
-                log(f'{final}: complete, kept (use --force to rebuild)')
-                continue
-            renderer = renderer or _Renderer(workers)
-            tmp = os.path.join(out_dir, f'.demo_{name}.{os.getpid()}.tmp')   # mkdtemp would make it 0700
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            try:
-                summary = {'seed': seed, 'sizes': vars(sizes)}
-                summary.update(build(tmp, seed, sizes, renderer))
-                _write_summary(tmp, summary)
-                if os.path.exists(final):
-                    old = final + '.old'
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.rename(final, old)
-                    os.rename(tmp, final)
-                    shutil.rmtree(old)
-                else:
-                    os.rename(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            results[name] = summary
-            log(format_summary(final, summary))
-    finally:
-        if renderer is not None:
-            renderer.close()
-    return results
-
-
-def format_summary(folder, summary):
-    """A short human-readable account of one built set."""
-    lines = [f'{folder}: seed {summary["seed"]}']
-
-    def groups(title, table):
-        lines.append(f'  {title}: ' + ', '.join(f'{g} {v["identities"]} ids/{v["images"]} images'
-                                                for g, v in table.items()))
-
-    for key, value in summary.items():
-        if key in ('seed', 'sizes'):
-            continue
-        if 'pairs' in value:
-            if 'photos' in value:
-                groups(f'{key} photos', value['photos'])
-            lines.append(f'  {key} pairs: {value["pairs"]} ({value["positive"]} positive, '
-                         f'{value["negative_same_group"]} same-group and {value["negative_cross_group"]} '
-                         f'cross-group negative)')
-        else:
-            groups(key, value)
-    return '\n'.join(lines)
