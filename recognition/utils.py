@@ -2,12 +2,120 @@
 import contextlib
 import json
 import os
+import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line naming the file, never as a traceback."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived inside `sigterm_raises()`: unwinds like Ctrl-C so every cleanup block runs."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within the block, SIGTERM raises `Terminated` in the main thread (a second SIGTERM is ignored
+    while cleaning up); `run_cli` turns it into `terminated` and exit status 143."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM arriving within the block are delivered when it ends, so a short critical
+    step (renaming a set of files into place) is never cut in half. Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(path, what):
+    """Hold the lock file `path` (created with O_CREAT|O_EXCL, holding "PID HOST") for the block.
+
+    A second holder is refused with a UserError naming `what` and the running PID. A lock left by a
+    dead process of this host (SIGKILL, power loss) is stale and taken over; one from another host
+    is refused, since its PID cannot be checked from here. The lock is removed on any exit of the
+    block, including exceptions and `Terminated`. (Two processes that find the same stale lock in
+    the same instant may both take it over: the check is for humans starting a second run, not a
+    mutex between racing programs.)
+    """
+    path = os.fspath(path)
+    host = socket.gethostname()
+    mine = f'{os.getpid()} {host}\n'
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    text = f.read()
+            except FileNotFoundError:   # released meanwhile
+                continue
+            fields = text.split()
+            pid = int(fields[0]) if fields and fields[0].isdigit() else None
+            other = fields[1] if len(fields) > 1 else host
+            if pid is not None and other != host:
+                raise UserError(f'{path}: {what} is locked by process {pid} on {other}; '
+                                f'delete the lock if that run is over') from None
+            if pid is not None and _pid_alive(pid):
+                raise UserError(f'{path}: {what} is already running (process {pid}); '
+                                f'wait for it or stop it') from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)   # stale: its process is gone
+            continue
+        with os.fdopen(fd, 'w') as f:
+            f.write(mine)
+        break
+    else:
+        raise UserError(f'{path}: cannot take the lock for {what}')
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                still_mine = f.read() == mine
+            if still_mine:
+                os.remove(path)
+
+
+def no_space_error(path, needed=None):
+    """The UserError for ENOSPC while writing `path`: names it, the free space and, if known, the need."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    need = f', about {needed / 2 ** 20:.1f} MB needed' if needed else ''
+    return UserError(f'{path}: no space left on device ({free / 2 ** 20:.1f} MB free in {folder}{need})')
 
 
 @contextlib.contextmanager
@@ -85,6 +193,9 @@ def run_cli(main):
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print('terminated', file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     sys.exit(code or 0)
 
 
