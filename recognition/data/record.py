@@ -501,4 +501,6 @@ class IdentityRecordWriter:
         if not self._open:
             return
         self._open = False
-        self._stack.__exit__(RuntimeError, RuntimeError('aborted'), None)
+        # Closing flushes buffered bytes, which fails again on a full disk; the temporaries go anyway.
+        with contextlib.suppress(OSError):
+            self._stack.__exit__(RuntimeError, RuntimeError('aborted'), None)
