@@ -255,7 +255,8 @@ def test_an_unusable_val_bin_is_refused_before_step_1(packed, pairs, message):
     issame = [p % 2 == 0 for p in range(pairs)]
     write_bin(os.path.join(packed, 'lfw.bin'), [jpeg(p) for p in range(2 * pairs)], issame)
     line = one_error_line(train_cli(packed, '--val-targets', 'lfw'))
-    assert line == f'error: {os.path.join(packed, "lfw.bin")}: {message}; 10-fold verification needs at least 10 of each'
+    assert line == (f'error: {os.path.join(packed, "lfw.bin")}: {message}; '
+                    f'10-fold verification needs at least 10 of each')
     assert not glob.glob(os.path.join(packed, 'models', '*', '*.params'))
     line = one_error_line(run(VERIFY, '--data-dir', packed, '--model', os.path.join(packed, 'none') + ',1',
                               '--target', 'lfw'))

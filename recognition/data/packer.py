@@ -272,9 +272,9 @@ def _shard_bounds(group_sizes, num_shards):
 class _Plan:
     """One `.lst` read and checked before any image is encoded: items in rec order, attributes, groups."""
 
-    def __init__(self, lst_path, table, num_shards, out_prefix=None):
+    def __init__(self, lst_path, table, num_shards):
         self.lst_path = os.fspath(lst_path)
-        self.out_prefix = out_prefix or os.path.splitext(self.lst_path)[0]
+        self.out_prefix = os.path.splitext(self.lst_path)[0]
         self.items = _group_by_label(read_lst(self.lst_path), self.lst_path)
         if not self.items:
             raise UserError(f'{self.lst_path}: empty .lst')
@@ -304,15 +304,8 @@ class _Plan:
         return total
 
 
-def pack_list(lst_path, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attributes=None,
-              image_size=(112, 112), out_prefix=None):
-    """Pack one `.lst` into `out_prefix.rec` (or S shards `out_prefix_s.rec`); returns a summary."""
-    table = AttributeTable(attributes) if isinstance(attributes, (str, os.PathLike)) else attributes
-    plan = lst_path if isinstance(lst_path, _Plan) else _Plan(lst_path, table, num_shards, out_prefix)
-    return _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_size)
-
-
 def _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_size):
+    """Pack one planned `.lst` into `PREFIX.rec` or the shards `PREFIX_s.rec` + manifest; a summary."""
     start = time.time()
     items, out_prefix = plan.items, plan.out_prefix
     names = table.names if table is not None else None
@@ -419,19 +412,15 @@ def _write_skipped(path, skipped):
         os.remove(path)
 
 
-def _properties(plans, image_size):
-    """The `property` each output folder will get, checked against what is already there.
+def _check_properties(plans, image_size):
+    """Refuse, before any image is encoded, a `property` this run could not write consistently.
 
     `property` is per folder (insightface): one class count and image size for every rec in it. Lists
     packed together into one folder get the largest count, which must still fit each of them
     (`check_classes`). An existing `property` that differs may be replaced only when the folder holds
     no rec besides this run's own outputs; otherwise it serves another rec and the run is refused.
     """
-    by_folder = {}
-    for plan in plans:
-        by_folder.setdefault(property_path(plan.out_prefix), []).append(plan)
-    out = {}
-    for path, group in by_folder.items():
+    for path, group in _by_property(plans).items():
         want = (max(p.num_classes for p in group), int(image_size[0]), int(image_size[1]))
         for plan in group:
             check_classes(path, want[0], plan.num_identities, plan.num_classes - 1, plan.lst_path)
@@ -444,8 +433,13 @@ def _properties(plans, image_size):
                 raise UserError(f'{path}: says {",".join(map(str, have))} for {", ".join(others)}; '
                                 f'{group[0].lst_path} needs {",".join(map(str, want))}: pack it into a folder '
                                 f'of its own (property is per folder)')
-            log.info('%s: %s replaced by %s', path, ','.join(map(str, have)), ','.join(map(str, want)))
-        out[path] = want
+
+
+def _by_property(plans):
+    """{property path: the plans whose recs it describes}."""
+    out = {}
+    for plan in plans:
+        out.setdefault(property_path(plan.out_prefix), []).append(plan)
     return out
 
 
@@ -477,18 +471,22 @@ def pack(prefix, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attri
             locks.enter_context(folder_lock(out_prefix + '.lock', f'face2rec2 on {out_prefix}'))
             _remove_stale_temps(out_prefix)
         plans = [_Plan(lst, table, num_shards) for lst in lsts]
-        properties = _properties(plans, image_size)
-        results = [_write_plan(plan, num_threads, quality, encoding, num_shards, table, image_size)
-                   for plan in plans]
-        for path in properties:
+        _check_properties(plans, image_size)
+        results = {plan.lst_path: _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_size)
+                   for plan in plans}
+        for path, group in _by_property(plans).items():
             # The classes of the identities written (a list's last identities may have lost every image).
-            k = max(r['num_classes'] for plan, r in zip(plans, results) if property_path(plan.out_prefix) == path)
+            k = max(results[plan.lst_path]['num_classes'] for plan in group)
+            have = read_property(path)
+            if have is not None and tuple(have) != (k, *image_size):
+                log.info('%s: %s replaced by %d,%d,%d', path, ','.join(map(str, have)), k, *image_size)
             try:
                 write_property(path, k, image_size)
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise no_space_error(path) from None
                 raise
+    results = list(results.values())
     return {'images': sum(r['images'] for r in results),
             'identities': sum(r['identities'] for r in results),
             'skipped': sum(r['skipped'] for r in results),

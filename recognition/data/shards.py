@@ -20,6 +20,8 @@ import logging
 import os
 import re
 
+import numpy as np
+
 from recognition.data.record import RecordFile, split_prefix
 from recognition.utils import UserError, write_json
 
@@ -85,8 +87,9 @@ def _legacy_shards(prefix, shards):
     """Shards without manifest: accepted when numbered 0..S-1 with identity ids following on."""
     numbers = [int(_SHARD.match(os.path.basename(p)).group('index')) for p in shards]
     if numbers != list(range(len(shards))):
-        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
-        raise UserError(f'{prefix}_{missing[0]}.rec: missing from the shard set {", ".join(map(os.path.basename, shards))} '
+        missing = sorted(set(range(len(shards))) - set(numbers))
+        names = ', '.join(map(os.path.basename, shards))
+        raise UserError(f'{prefix}_{missing[0]}.rec: missing from the shard set {names} '
                         f'(no {os.path.basename(manifest_path(prefix))} manifest); re-pack with face2rec2')
     previous = None
     for path in shards:
@@ -105,18 +108,18 @@ def _identity_span(path):
     """(first, last) identity id of an identity-indexed rec: header, two identity records, two labels."""
     record = RecordFile(path)
     try:
-        flag, label, body = record.unpack(0) if 0 in record else (0, None, b'x')
+        flag, label, body = record.unpack(0) if 0 in record else (None, None, None)
         if flag != 2 or body:
             raise UserError(f'{path}: a shard without identity index cannot be checked as part of a set; '
                             f're-pack with face2rec2')
         first_key, stop = int(label[0]), int(label[1])
         if stop <= first_key:
-            raise UserError(f'{path}: a shard without identities')
+            raise UserError(f'{path}: a shard without identities; re-pack with face2rec2')
         ends = [record.read_label(k)[1] for k in (first_key, stop - 1)]
         ids = []
         for start in (int(ends[0][0]), int(ends[1][0])):
             lab = record.read_label(start)[1]
-            ids.append(int(lab if lab.ndim == 0 else lab[0]))
+            ids.append(int(lab if np.ndim(lab) == 0 else lab[0]))
         return ids[0], ids[1]
     finally:
         record.close()
