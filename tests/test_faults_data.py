@@ -306,3 +306,29 @@ def test_disk_full_while_packing(tiny_disk, tmp_path):
     assert line.startswith(f'error: {os.path.join(tiny_disk, "train.rec")}: no space left on device (')
     assert f'MB free in {tiny_disk}, about ' in line and 'MB needed)' in line
     assert temps(tiny_disk) == [] and snapshot(tiny_disk) == before
+
+
+def test_folder_lock_refuses_a_live_holder_takes_a_stale_one_and_releases_on_any_exit(tmp_path):
+    from recognition.utils import folder_lock
+    lock = str(tmp_path / 'run.lock')
+    with folder_lock(lock, 'training'):
+        assert open(lock).read().split()[0] == str(os.getpid())
+        with pytest.raises(UserError, match=f'run.lock: training is already running \\(process {os.getpid()}\\)'):
+            with folder_lock(lock, 'training'):
+                pass
+    assert not os.path.exists(lock)
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    with open(lock, 'w') as f:
+        f.write(f'{dead.pid} {os.uname().nodename}\n')
+    with pytest.raises(RuntimeError):
+        with folder_lock(lock, 'training'):   # stale: taken over, then released by the exception
+            assert open(lock).read().split()[0] == str(os.getpid())
+            raise RuntimeError
+    assert not os.path.exists(lock)
+    with open(lock, 'w') as f:
+        f.write('1 another-host\n')
+    with pytest.raises(UserError, match='locked by process 1 on another-host'):
+        with folder_lock(lock, 'training'):
+            pass
+    assert open(lock).read() == '1 another-host\n'

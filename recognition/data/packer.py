@@ -337,12 +337,13 @@ def _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_s
             raise UserError(f'{plan.lst_path}: no usable images ({len(skipped)} skipped, '
                             f'see {out_prefix}.skipped.txt)')
         summaries = [w.finish() for w in writers]
+        previous = _previous_shards(out_prefix)
         with signals_deferred():   # one generation: all shards renamed, or none
             if num_shards > 1:
                 write_manifest(out_prefix, summaries)
             for w in writers:
                 w.commit()
-            _remove_superseded(out_prefix, prefixes)
+            _remove_superseded(out_prefix, prefixes, previous)
     except BaseException as e:
         for w in writers:
             w.abort()
@@ -364,23 +365,26 @@ def _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_s
 _OUTPUT_SUFFIXES = ('.rec', '.idx', '.attributes.json')
 
 
-def _remove_superseded(out_prefix, written):
-    """Drop the prefix's outputs the new generation replaces: a single rec after shards were written
-    (or the reverse: the manifest first, then its shards), and shards beyond the new count."""
-    keep = {os.path.abspath(p) for p in written}
+def _previous_shards(out_prefix):
+    """The shard prefixes the prefix's current manifest names: what a new generation supersedes."""
     folder = os.path.dirname(os.path.abspath(out_prefix))
-    shards = []
+    try:
+        manifest = read_manifest(out_prefix)
+    except UserError:   # unreadable: its shards cannot be told apart from anything else
+        return []
+    return [os.path.join(folder, os.path.basename(s['rec'])[:-len('.rec')]) for s in (manifest or {}).get('shards', [])]
+
+
+def _remove_superseded(out_prefix, written, previous):
+    """After a commit, drop the prefix's outputs the new generation replaces: the single rec after shards
+    were written, the manifest after a single rec was, and `previous` shards that were not rewritten.
+    Numbered recs no manifest names are left alone: they may be another list's output, and the reader
+    ignores them beside a manifest or a single rec."""
+    keep = {os.path.abspath(p) for p in written}
     if len(written) == 1:
-        with contextlib.suppress(UserError):   # an unreadable old manifest: its shards are found below
-            shards = [s['rec'] for s in (read_manifest(out_prefix) or {}).get('shards', [])]
         with contextlib.suppress(FileNotFoundError):
             os.remove(manifest_path(out_prefix))   # the reader now takes the single rec
-    pattern = re.compile(re.escape(os.path.basename(out_prefix)) + r'_\d+\.rec$')
-    shards += [f for f in os.listdir(folder) if pattern.match(f)]
-    numbered = [os.path.join(folder, f[:-len('.rec')]) for f in shards]
-    # A numbered name with a .lst of its own (`train_1.lst`) is that list's output, not a shard.
-    candidates = [os.path.abspath(out_prefix)] + [p for p in numbered if not os.path.isfile(p + '.lst')]
-    for prefix in dict.fromkeys(candidates):
+    for prefix in dict.fromkeys([os.path.abspath(out_prefix)] + previous):
         if prefix in keep:
             continue
         for suffix in _OUTPUT_SUFFIXES:
