@@ -5,6 +5,7 @@ their landmarks, or without landmarks cropped as insightface's face_preprocess (
 widened by 44 px, else a centre box), in worker processes; results come back in list order, so the output is the same for any
 number of processes. Already aligned images keep their original bytes, as insightface.
 """
+import concurrent.futures
 import contextlib
 import csv
 import ctypes
@@ -243,7 +244,10 @@ def encoded_images(jobs, num_threads):
     """encode_image results in job order, over `num_threads` processes when more than one.
 
     Work goes out in chunks of consecutive jobs named by index range; the forked workers already
-    hold the job list (fork start: no pickling), so only the encoded bytes come back.
+    hold the job list (fork start: no pickling), so only the encoded bytes come back. Stopping early
+    (an error, SIGTERM) cancels the queued chunks and waits for the running ones: the executor keeps
+    reading results until its workers exit, where `Pool.terminate()` can deadlock on a worker blocked
+    writing a large result.
     """
     if num_threads <= 1:
         yield from map(encode_image, jobs)
@@ -252,14 +256,13 @@ def encoded_images(jobs, num_threads):
     ranges = [(a, min(a + chunk, len(jobs))) for a in range(0, len(jobs), chunk)]
     # No cv2.setNumThreads in the children: reconfiguring OpenCV's inherited pool after a fork
     # deadlocks; its parallel loops themselves are fork-safe.
-    pool = multiprocessing.get_context('fork').Pool(num_threads, initializer=_init_worker,
-                                                   initargs=(jobs, os.getpid()))
-    try:
-        for results in pool.imap(_encode_range, ranges):
-            yield from results
-    finally:
-        pool.terminate()
-        pool.join()
+    with concurrent.futures.ProcessPoolExecutor(num_threads, mp_context=multiprocessing.get_context('fork'),
+                                                initializer=_init_worker, initargs=(jobs, os.getpid())) as pool:
+        try:
+            for results in pool.map(_encode_range, ranges):
+                yield from results
+        finally:
+            pool.shutdown(cancel_futures=True)
 
 
 def _shard_bounds(group_sizes, num_shards):
@@ -330,7 +333,7 @@ def _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_s
                     images.append((data, items[i].aligned, plan.attrs[i]))
             writers[plan.shard_of[group]].add_identity(items[position].label, images)
             position += size
-        results.close()   # every result is in: stop the worker pool before committing
+        results.close()   # every result is in: stop the worker processes before committing
         num_images = sum(w.num_images for w in writers)
         _write_skipped(out_prefix + '.skipped.txt', skipped)
         if num_images == 0:
@@ -351,7 +354,7 @@ def _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_s
             raise no_space_error(out_prefix + ('.rec' if num_shards == 1 else '_*.rec'), plan.input_bytes()) from None
         raise
     finally:
-        results.close()   # stops the worker pool, if any
+        results.close()   # stops the worker processes, if any
     if skipped:
         log.warning('%s: skipped %d images, listed in %s.skipped.txt', plan.lst_path, len(skipped), out_prefix)
     return {'images': sum(s['images'] for s in summaries),

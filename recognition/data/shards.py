@@ -145,9 +145,13 @@ def shard_set(prefix):
 
 
 def _numbered_shards(prefix):
-    found = [p for p in glob.glob(glob.escape(prefix) + '_*.rec') if _SHARD.match(os.path.basename(p))
-             and _SHARD.match(os.path.basename(p)).group('prefix') == os.path.basename(prefix)]
-    return sorted(found, key=lambda p: int(_SHARD.match(os.path.basename(p)).group('index')))
+    """`PREFIX_<n>.rec` files in numeric order (train_2 before train_10)."""
+    found = {}
+    for path in glob.glob(glob.escape(prefix) + '_*.rec'):
+        m = _SHARD.match(os.path.basename(path))
+        if m and m.group('prefix') == os.path.basename(prefix):
+            found[path] = int(m.group('index'))
+    return sorted(found, key=found.get)
 
 
 def set_totals(rec_paths):
@@ -171,8 +175,8 @@ def check_against_manifest(rec_paths):
     """Refuse any shard among `rec_paths` whose prefix has a manifest that does not name it at its size."""
     for path in rec_paths:
         m = _SHARD.match(os.path.basename(path))
-        if not m:
-            continue
+        if not m or os.path.isfile(split_prefix(path) + '.lst'):
+            continue   # not a shard name, or the output of a list of its own (`train_1.lst`)
         prefix = os.path.join(os.path.dirname(os.fspath(path)), m.group('prefix'))
         manifest = read_manifest(prefix)
         if manifest is None:
