@@ -18,18 +18,34 @@ class Terminated(BaseException):
     """SIGTERM arrived inside `sigterm_raises()`: unwinds like Ctrl-C so every cleanup block runs."""
 
 
+_sigterm_received = []   # signals seen by `sigterm_raises`' handler, for `check_terminated`
+
+
 @contextlib.contextmanager
 def sigterm_raises():
-    """Within the block, SIGTERM raises `Terminated` in the main thread (a second SIGTERM is ignored
-    while cleaning up); `run_cli` turns it into `terminated` and exit status 143."""
+    """Within the block, SIGTERM raises `Terminated` in the main thread; `run_cli` turns it into
+    `terminated` and exit status 143. Later SIGTERMs are ignored while cleaning up.
+
+    A handler's exception can land where Python swallows it (an at-fork hook, a `__del__`), so long
+    loops also call `check_terminated()`, which raises it again.
+    """
     def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated()
+        _sigterm_received.append(signum)
+        if len(_sigterm_received) == 1:
+            raise Terminated()
+    _sigterm_received.clear()
     old = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        _sigterm_received.clear()
+
+
+def check_terminated():
+    """Raise `Terminated` if SIGTERM arrived inside `sigterm_raises()` (a no-op elsewhere)."""
+    if _sigterm_received:
+        raise Terminated()
 
 
 @contextlib.contextmanager

@@ -28,7 +28,8 @@ from recognition.data.lst import read_lst, resolve_lst_path
 from recognition.data.record import (KNOWN_CODES, IdentityRecordWriter, check_classes, property_path,
                                      read_property, write_property)
 from recognition.data.shards import manifest_path, read_manifest, shard_prefixes, write_manifest
-from recognition.utils import UserError, atomic_open, folder_lock, no_space_error, signals_deferred
+from recognition.utils import (UserError, atomic_open, check_terminated, folder_lock, no_space_error,
+                               signals_deferred)
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,9 @@ def encoded_images(jobs, num_threads):
     with concurrent.futures.ProcessPoolExecutor(num_threads, mp_context=multiprocessing.get_context('fork'),
                                                 initializer=_init_worker, initargs=(jobs, os.getpid())) as pool:
         try:
-            for results in pool.map(_encode_range, ranges):
+            with signals_deferred():   # the workers are forked here: no signal handler runs in fork hooks
+                chunks = pool.map(_encode_range, ranges)
+            for results in chunks:
                 yield from results
         finally:
             pool.shutdown(cancel_futures=True)
@@ -333,6 +336,7 @@ def _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_s
                     images.append((data, items[i].aligned, plan.attrs[i]))
             writers[plan.shard_of[group]].add_identity(items[position].label, images)
             position += size
+            check_terminated()
         results.close()   # every result is in: stop the worker processes before committing
         num_images = sum(w.num_images for w in writers)
         _write_skipped(out_prefix + '.skipped.txt', skipped)
@@ -341,6 +345,7 @@ def _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_s
                             f'see {out_prefix}.skipped.txt)')
         summaries = [w.finish() for w in writers]
         previous = _previous_shards(out_prefix)
+        check_terminated()
         with signals_deferred():   # one generation: all shards renamed, or none
             if num_shards > 1:
                 write_manifest(out_prefix, summaries)
