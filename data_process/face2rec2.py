@@ -3,8 +3,8 @@
     python data_process/face2rec2.py datasets/demo_fairface/train --attributes train_attributes.csv
 
 With --num-shards S the shards PREFIX_0.rec ... are committed as one set by PREFIX.shards.json. One
-packer per prefix at a time (PREFIX.lock); SIGTERM or Ctrl-C removes the temporary files and exits
-non-zero, and a re-run removes those a SIGKILLed run left. `property` is per folder: a list that needs
+packer per output folder at a time (its .lock); SIGTERM or Ctrl-C removes the temporary files and
+exits non-zero, and a re-run removes those a SIGKILLed run left. `property` is per folder: a list that needs
 another one than the folder's other recs is refused.
 """
 import argparse

@@ -17,10 +17,15 @@ import json
 import os
 
 import mxnet as mx
+import numpy as np
 
-from .utils import UserError, atomic_open, atomic_path, write_json
+from .utils import UserError, atomic_open, atomic_path, ensure_free_space, read_json, write_json
 
 EMBEDDING = 'fc1'
+# The resume snapshot's optimizer-state format: NDArrays in `.states` plus JSON in the resume record.
+OPTIMIZER_FORMAT = 'ndarray-v1'
+META_KEYS = ('optimizer', 'params', 'updaters', 'num_update', 'begin_num_update', 'update_counts', 'lr', 'wd',
+             'momentum', 'rescale_grad')
 LABEL = 'softmax_label'
 
 
@@ -104,6 +109,7 @@ def save_checkpoint(prefix, epoch, net, head=None, strip_fc7=False, extra_blocks
     if missing:
         raise RuntimeError(f'graph inputs without parameters: {sorted(missing)[:5]}')
     sym_path, params_path = checkpoint_files(prefix, epoch)
+    ensure_free_space(params_path, _nbytes(save))
     with atomic_path(params_path) as tmp:
         mx.nd.save(tmp, save)
         with atomic_path(sym_path) as tmp_sym:
@@ -111,16 +117,54 @@ def save_checkpoint(prefix, epoch, net, head=None, strip_fc7=False, extra_blocks
     return params_path
 
 
+def mxnet_reason(error):
+    """The line of an MXNet error that says what failed (its message starts with a C++ traceback)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(('Traceback', 'File "'))] or [type(error).__name__]
+    return lines[0].replace('MXNetError: ', '')
+
+
 def load_checkpoint(prefix, epoch):
-    """`mx.model.load_checkpoint` with one-line errors for missing or unreadable files."""
+    """`mx.model.load_checkpoint` with one-line errors naming the missing or unreadable file."""
     sym_path, params_path = checkpoint_files(prefix, epoch)
     for path in (sym_path, params_path):
         if not os.path.isfile(path):
             raise UserError(f'{path}: checkpoint file not found')
+    sym = load_symbol(sym_path)
+    arrays = _load_arrays(params_path, 'parameter file')
+    arg = {k[4:]: v for k, v in arrays.items() if k.startswith('arg:')}
+    aux = {k[4:]: v for k, v in arrays.items() if k.startswith('aux:')}
+    if not arg and not aux:
+        raise UserError(f'{params_path}: no arg:/aux: parameters in the file (not a checkpoint)')
+    return sym, arg, aux
+
+
+def load_symbol(path):
+    """`mx.sym.load` with a one-line error naming `path`. The JSON is parsed here first: MXNet's reader
+    reports a truncated file as a UnicodeDecodeError."""
     try:
-        return mx.model.load_checkpoint(prefix, epoch)
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        json.loads(text)
+        return mx.sym.load_json(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f'{path}: not a valid symbol file (broken JSON: {e})') from None
     except mx.base.MXNetError as e:
-        raise UserError(f'{params_path}: cannot read checkpoint ({str(e).splitlines()[0]})') from None
+        raise UserError(f'{path}: not a valid symbol file ({mxnet_reason(e)})') from None
+
+
+def _load_arrays(path, what):
+    """name -> NDArray of an `mx.nd.save` file; a truncated or foreign file is a one-line error."""
+    try:
+        arrays = mx.nd.load(path)
+    except mx.base.MXNetError as e:
+        raise UserError(f'{path}: not a valid {what} ({mxnet_reason(e)}; truncated or not written by '
+                        f'MXNet)') from None
+    if arrays == []:   # what mx.nd.save writes for an empty dict (an optimizer before its first step)
+        return {}
+    if not isinstance(arrays, dict):
+        raise UserError(f'{path}: not a valid {what} (arrays without names)')
+    return arrays
 
 
 def parse_pretrained(ref):
@@ -201,43 +245,170 @@ def resume_file(prefix):
     return f'{prefix}-resume.json'
 
 
+def _updaters(trainer):
+    """The Updaters holding the trainer's optimizer state: the kvstore's when the kvstore updates (local
+    multi-device), else Gluon's one per context (also where dist_sync workers update)."""
+    if not trainer._kv_initialized:   # MXNet 1.9 has no public access to a Trainer's updaters
+        trainer._init_kvstore()
+    if trainer._params_to_init:
+        trainer._init_params()
+    return [trainer._kvstore._updater] if trainer._update_on_kvstore else trainer._updaters
+
+
+def _encode_state(state, key, arrays):
+    """An updater state (None, NDArray or nested tuple) as JSON naming arrays stored in `arrays`."""
+    if state is None:
+        return None
+    if isinstance(state, mx.nd.NDArray):
+        arrays[key] = state.copyto(mx.cpu())
+        return key
+    if isinstance(state, (tuple, list)):
+        return [_encode_state(part, f'{key}.{j}', arrays) for j, part in enumerate(state)]
+    raise TypeError(f'optimizer state of type {type(state).__name__} cannot be saved without pickle')
+
+
+def _decode_state(layout, arrays):
+    if layout is None:
+        return None
+    if isinstance(layout, str):
+        return arrays[layout]
+    return tuple(_decode_state(part, arrays) for part in layout)
+
+
+def optimizer_state(trainer):
+    """(arrays, meta): the Trainer's optimizer state as NDArrays (`mx.nd.save`) and JSON scalars.
+
+    MXNet's own `Trainer.save_states` pickles the optimizer, and loading a pickle runs whatever code the
+    file names; this format holds only numbers. Every updater's states are kept (one per device).
+    """
+    opt = trainer._optimizer
+    arrays = {}
+    updaters = [[[idx, _encode_state(st, f'{u}:{idx}', arrays)] for idx, st in sorted(upd.states.items())]
+                for u, upd in enumerate(_updaters(trainer))]
+    meta = {'format': OPTIMIZER_FORMAT, 'optimizer': type(opt).__name__,
+            'params': [p.name for p in trainer._params], 'updaters': updaters,
+            'num_update': opt.num_update, 'begin_num_update': opt.begin_num_update,
+            'update_counts': [[dev, sorted(counts.items())] for dev, counts in opt._all_index_update_counts.items()],
+            'lr': opt.lr, 'wd': opt.wd, 'momentum': getattr(opt, 'momentum', None),
+            'rescale_grad': opt.rescale_grad}
+    return arrays, meta
+
+
+def restore_optimizer(trainer, meta, arrays, where):
+    """Put a state saved by `optimizer_state` back into `trainer` (exactly: a resumed run repeats a
+    straight one), with the snapshot's lr, wd and momentum as MXNet's `load_states` did. A run with
+    another device count gets device 0's state on every device: the devices hold identical copies.
+    `where` names the file in errors."""
+    opt = trainer._optimizer
+    names = [p.name for p in trainer._params]
+    if meta['optimizer'] != type(opt).__name__:
+        raise UserError(f'{where}: optimizer state of {meta["optimizer"]}, this run uses {type(opt).__name__}')
+    if meta['params'] != names:
+        differ = sorted(set(meta['params']) ^ set(names)) or ['their order']
+        raise UserError(f'{where}: saved for other trainable parameters ({len(meta["params"])} there, '
+                        f'{len(names)} here; {differ[0]} differs): resume needs the same network and '
+                        f'--freeze-block')
+    updaters = _updaters(trainer)
+    saved = meta['updaters']
+    for u, upd in enumerate(updaters):
+        mine = saved[u] if len(saved) == len(updaters) else saved[0]
+        upd.states = {idx: _decode_state(layout, arrays) for idx, layout in mine}
+        # The updater moves each state to its weight's device at its first update (as set_states does).
+        upd.states_synced = dict.fromkeys(upd.states, False)
+    opt.num_update, opt.begin_num_update = meta['num_update'], meta['begin_num_update']
+    opt._all_index_update_counts = {dev: dict(counts) for dev, counts in meta['update_counts']}
+    opt._index_update_count = opt._all_index_update_counts.setdefault(0, {})
+    opt.lr, opt.wd, opt.rescale_grad = meta['lr'], meta['wd'], meta['rescale_grad']
+    if meta['momentum'] is not None:
+        opt.momentum = meta['momentum']
+
+
+def _remove_if_present(path):
+    """Prune an old snapshot file; another process may have removed it already."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def save_resume(prefix, params, trainer, state):
     """Snapshot parameters (name -> Parameter), optimizer state and `state` (json-able) for `--resume`.
 
     `trainer=None` snapshots no optimizer state (dist_async: it lives on the servers, which cannot save
-    it); resuming then restarts the momentum.
+    it); resuming then restarts the momentum. The free space is checked first, so a full disk stops the
+    run with the previous snapshot whole.
     """
     step = int(state['step'])
     base = '%s-resume-%08d' % (prefix, step)
-    with atomic_path(base + '.params') as tmp:
-        mx.nd.save(tmp, {name: _first_array(p) for name, p in params.items()})
-    if trainer is not None:
-        with atomic_path(base + '.states') as tmp:
-            trainer.save_states(tmp)
-    record = dict(state, params=os.path.basename(base + '.params'),
-                  states=os.path.basename(base + '.states') if trainer is not None else None)
-    write_json(resume_file(prefix), record)
+    arrays = {name: _first_array(p) for name, p in params.items()}
+    opt_arrays, opt_meta = optimizer_state(trainer) if trainer is not None else ({}, None)
+    ensure_free_space(base + '.params', _nbytes(arrays) + _nbytes(opt_arrays))
+    files = {base + '.params': arrays, **({base + '.states': opt_arrays} if trainer is not None else {})}
+    # A failed save removes the files it added, so no orphan stays beside the previous snapshot.
+    added = [path for path in files if not os.path.exists(path)]
+    try:
+        for path, content in files.items():
+            with atomic_path(path) as tmp:
+                mx.nd.save(tmp, content)
+        record = dict(state, params=os.path.basename(base + '.params'),
+                      states=os.path.basename(base + '.states') if trainer is not None else None,
+                      optimizer=opt_meta)
+        write_json(resume_file(prefix), record)
+    except BaseException:
+        for path in added:
+            _remove_if_present(path)
+        raise
     keep = {base + '.params', base + '.states'}
     for old in glob.glob(glob.escape(prefix) + '-resume-*.*'):
         if old not in keep and old.endswith(('.params', '.states')):
-            os.remove(old)
+            _remove_if_present(old)
     return resume_file(prefix)
 
 
 def load_resume(prefix, params):
     """Restore the parameters of a snapshot written by `save_resume` into `params`; return its state dict,
-    with `states` the path of the optimizer state to load (None when the run saved none)."""
+    with `states` the path of the optimizer state (None when the run saved none) and `optimizer_arrays`
+    its arrays (for `restore_optimizer(trainer, state['optimizer'], ...)`).
+
+    Only NDArray files and JSON are read: a pickled optimizer state (MXNet's `Trainer.save_states`, which
+    earlier versions wrote) is refused, since unpickling a file runs whatever code it names.
+    """
     path = resume_file(prefix)
     if not os.path.isfile(path):
         raise UserError(f'{path}: nothing to resume (no resume state in this run folder)')
+    state = read_json(path, 'nothing to resume (no resume state in this run folder)')
+    folder = os.path.dirname(os.path.abspath(path))
     try:
-        with open(path) as f:
-            state = json.load(f)
-        folder = os.path.dirname(os.path.abspath(path))
-        arrays = mx.nd.load(os.path.join(folder, state['params']))
+        params_path = os.path.join(folder, state['params'])
         states = os.path.join(folder, state['states']) if state['states'] else None
-    except (OSError, ValueError, KeyError, mx.base.MXNetError) as e:
-        raise UserError(f'{path}: unreadable resume state ({e})') from None
+        meta = state.get('optimizer')
+    except (KeyError, TypeError) as e:
+        raise UserError(f'{path}: unreadable resume state (no {e})') from None
+    if states is not None and not os.path.isfile(states):
+        raise UserError(f'{states}: optimizer state named by {path} is missing')
+    if states is not None and (not isinstance(meta, dict) or meta.get('format') != OPTIMIZER_FORMAT):
+        raise UserError(f'{states}: optimizer state in an old or unknown format (MXNet\'s pickled '
+                        f'save_states?), which --resume refuses since loading a pickle can run code; continue '
+                        f'from the run\'s checkpoint with --pretrained instead')
+    if not os.path.isfile(params_path):
+        raise UserError(f'{params_path}: parameters named by {path} are missing')
+    arrays = _load_arrays(params_path, 'resume parameter file')
+    opt_arrays = None
+    if states is not None:
+        with open(states, 'rb') as f:
+            if f.read(1) == b'\x80':
+                raise UserError(f'{states}: a pickle, which --resume refuses to load (unpickling can run code)')
+        opt_arrays = _load_arrays(states, 'optimizer state')
+        try:
+            needed = {key for layouts in meta['updaters'] for _, layout in layouts for key in _state_keys(layout)}
+            missing_keys = [k for k in META_KEYS if k not in meta]
+        except (KeyError, TypeError, ValueError):
+            missing_keys = ['updaters']
+        if missing_keys:
+            raise UserError(f'{path}: malformed "optimizer" record (no valid {missing_keys[0]})')
+        if needed - set(opt_arrays):
+            raise UserError(f'{states}: lacks the array {sorted(needed - set(opt_arrays))[0]} that {path} names '
+                            f'(truncated or from another snapshot)')
     missing = [n for n in params if n not in arrays]
     if missing:
         raise UserError(f'{path}: the run being resumed has no parameter {missing[0]} (different network?)')
@@ -245,8 +416,19 @@ def load_resume(prefix, params):
         if tuple(arrays[name].shape) != tuple(param.shape):
             raise UserError(f'{path}: parameter {name} has shape {tuple(arrays[name].shape)}, '
                             f'this run needs {tuple(param.shape)}')
-    if states is not None and not os.path.isfile(states):
-        raise UserError(f'{states}: optimizer state named by {path} is missing')
     for name, param in params.items():
         param.set_data(arrays[name])
-    return dict(state, states=states)
+    return dict(state, states=states, optimizer_arrays=opt_arrays)
+
+
+def _nbytes(arrays):
+    """Bytes `mx.nd.save` needs for `arrays` (data, and a bound on each array's name and shape header)."""
+    return sum(a.size * np.dtype(a.dtype).itemsize + 256 for a in arrays.values())
+
+
+def _state_keys(layout):
+    if layout is None:
+        return []
+    if isinstance(layout, str):
+        return [layout]
+    return [key for part in layout for key in _state_keys(part)]

@@ -136,13 +136,8 @@ def load_embedder(prefix, epoch, layer='fc1_output', ctx=None, bgr=False, input_
     """An `Embedder` over `prefix-symbol.json` / `prefix-%04d.params`, cut at `layer`, or at several
     layers when `layer` is a list (e.g. `['fc1_output', 'attr_gender_output']`, see `forward_all`)."""
     import mxnet as mx
-    for path in (f'{prefix}-symbol.json', '%s-%04d.params' % (prefix, int(epoch))):
-        if not os.path.isfile(path):
-            raise UserError(f'{path}: checkpoint file not found')
-    try:
-        sym, arg_params, aux_params = mx.model.load_checkpoint(prefix, int(epoch))
-    except mx.base.MXNetError as e:
-        raise UserError(f'{prefix}-{int(epoch):04d}: cannot load checkpoint: {_last_line(e)}') from None
+    from recognition.checkpoint import load_checkpoint
+    sym, arg_params, aux_params = load_checkpoint(prefix, int(epoch))
     internals = sym.get_internals()
     outputs = internals.list_outputs()
     layers = [layer] if isinstance(layer, str) else list(layer)

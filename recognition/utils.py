@@ -1,10 +1,10 @@
 """Small shared helpers: user-facing errors, atomic file output, run locks, signal handling, CLI entry wrapper, contexts."""
 import contextlib
+import errno
 import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -66,94 +66,67 @@ def signals_deferred():
             signal.raise_signal(s)
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # someone else's live process
-        return True
-    return True
+def _human_size(nbytes):
+    """A size for messages: MB with one decimal, KB below 1 MB."""
+    return f'{nbytes / 2 ** 20:.1f} MB' if nbytes >= 2 ** 20 else f'{nbytes / 2 ** 10:.0f} KB'
 
 
-@contextlib.contextmanager
-def folder_lock(path, what):
-    """Hold the lock file `path` (created with O_CREAT|O_EXCL, holding "PID HOST") for the block.
-
-    A second holder is refused with a UserError naming `what` and the running PID. A lock left by a
-    dead process of this host (SIGKILL, power loss) is stale and taken over; one from another host
-    is refused, since its PID cannot be checked from here. The lock is removed on any exit of the
-    block, including exceptions and `Terminated`. (Two processes that find the same stale lock in
-    the same instant may both take it over: the check is for humans starting a second run, not a
-    mutex between racing programs.)
-    """
-    path = os.fspath(path)
-    host = socket.gethostname()
-    mine = f'{os.getpid()} {host}\n'
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    text = f.read()
-            except FileNotFoundError:   # released meanwhile
-                continue
-            fields = text.split()
-            pid = int(fields[0]) if fields and fields[0].isdigit() else None
-            other = fields[1] if len(fields) > 1 else host
-            if pid is not None and other != host:
-                raise UserError(f'{path}: {what} is locked by process {pid} on {other}; '
-                                f'delete the lock if that run is over') from None
-            if pid is not None and _pid_alive(pid):
-                raise UserError(f'{path}: {what} is already running (process {pid}); '
-                                f'wait for it or stop it') from None
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)   # stale: its process is gone
-            continue
-        with os.fdopen(fd, 'w') as f:
-            f.write(mine)
-        break
-    else:
-        raise UserError(f'{path}: cannot take the lock for {what}')
-    try:
-        yield path
-    finally:
-        with contextlib.suppress(OSError):
-            with open(path) as f:
-                still_mine = f.read() == mine
-            if still_mine:
-                os.remove(path)
+def is_disk_full(error):
+    """ENOSPC/EDQUOT, or MXNet's writer, which reports a short write as 'FileStream.Write incomplete'."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return 'Write incomplete' in str(error)
 
 
-def no_space_error(path, needed=None):
-    """The UserError for ENOSPC while writing `path`: names it, the free space and, if known, the need."""
+def ensure_free_space(path, nbytes, margin=1 << 16):
+    """UserError naming `path` unless its folder has room for `nbytes` (plus headers): checked before a
+    large write, so a full disk stops a run with nothing half written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < nbytes + margin:
+        raise UserError(f'{path}: not enough free space ({_human_size(nbytes + margin)} needed, '
+                        f'{_human_size(free)} free in {folder})')
+
+
+def no_space_error(path, needed):
+    """The UserError for a disk that filled up while writing `path`: the free space and about how much
+    the write needs (the caller's estimate), in one line."""
     folder = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(folder).free
-    need = f', about {needed / 2 ** 20:.1f} MB needed' if needed else ''
-    return UserError(f'{path}: no space left on device ({free / 2 ** 20:.1f} MB free in {folder}{need})')
+    return UserError(f'{path}: disk full (about {_human_size(needed)} needed, {_human_size(free)} free in '
+                     f'{folder}; free some space and run again)')
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
 
-    An interrupted or failed write leaves no half file under the final name.
+    An interrupted or failed write leaves no half file under the final name, nor the temporary; a full
+    disk is a UserError naming `path` and the space it had.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    os.close(fd)
-    # mkstemp makes 0600 files; give the output the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+        os.close(fd)
+        # mkstemp makes 0600 files; give the output the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         yield tmp
         os.replace(tmp, path)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        written = os.path.getsize(tmp) if tmp and os.path.exists(tmp) else 0
+        had = shutil.disk_usage(folder).free + written
+        raise UserError(f'{path}: disk full (needs more than the {_human_size(had)} that were free in {folder}; '
+                        f'free some space and run again)') from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -227,20 +200,39 @@ def add_device_args(parser, batch_size=64):
 def parse_contexts(gpus='', ctx=''):
     """Contexts from `--gpus 0,1` (or CUDA_VISIBLE_DEVICES) or `--ctx cpu:N`; one CPU by default.
 
-    The same list serves GPUs and several CPU contexts, so the multi-device path is one code path.
+    The same list serves GPUs and several CPU contexts, so the multi-device path is one code path. GPUs
+    this MXNet build cannot use are a one-line error saying which build is installed.
     """
     import mxnet as mx
     if ctx:
         kind, _, n = ctx.partition(':')
+        if kind not in ('cpu', 'gpu') or not (n or '1').isdigit() or int(n or 1) < 1:
+            raise UserError(f'--ctx {ctx!r}: expected cpu:N or gpu:N')
         n = int(n or 1)
         if kind == 'cpu':
             return [mx.cpu(i) for i in range(n)]
-        if kind == 'gpu':
-            return [mx.gpu(i) for i in range(n)]
-        raise UserError(f'--ctx {ctx!r}: expected cpu:N or gpu:N')
+        return _gpus(list(range(n)), f'--ctx {ctx}')
     if not gpus:
         gpus = os.environ.get('CUDA_VISIBLE_DEVICES', '') if mx.context.num_gpus() > 0 else ''
         if gpus:
             return [mx.gpu(i) for i in range(len(gpus.split(',')))]
         return [mx.cpu()]
-    return [mx.gpu(int(i)) for i in gpus.split(',') if i.strip() != '']
+    try:
+        ids = [int(i) for i in gpus.split(',') if i.strip() != '']
+    except ValueError:
+        raise UserError(f'--gpus {gpus!r}: expected GPU ids such as 0 or 0,1') from None
+    return _gpus(ids, f'--gpus {gpus}')
+
+
+def _gpus(ids, option):
+    """`mx.gpu(i)` for each id, after checking that this MXNet build sees that many GPUs."""
+    import mxnet as mx
+    count = mx.context.num_gpus()
+    if ids and max(ids) >= count:
+        cuda = mx.runtime.Features().is_enabled('CUDA')
+        build = (f'mxnet {mx.__version__} is built with CUDA but sees {count} GPU(s)' if cuda else
+                 f'mxnet {mx.__version__} is the CPU-only build')
+        fix = ('check the driver and CUDA_VISIBLE_DEVICES' if cuda else
+               'install the GPU build with `pip install -r requirements-cu112.txt` (README, "GPUs")')
+        raise UserError(f'{option}: {build}; {fix}, or train on the CPU with --ctx cpu:N')
+    return [mx.gpu(i) for i in ids]

@@ -9,9 +9,10 @@ import argparse
 import os
 import sys
 
-from recognition.evaluation.ensemble import FUSIONS, predict
-from recognition.inference import find_model_dirs, load_model_dir, template_images
-from recognition.utils import UserError, parse_contexts, run_cli
+from recognition.align import REPORT_NAME, align_folder
+from recognition.evaluation.ensemble import FUSIONS, predict, provenance_path, read_pairs_csv
+from recognition.inference import find_model_dirs, load_model_dir, model_dir_spec, template_images
+from recognition.utils import UserError, parse_contexts, run_cli, write_json
 
 
 def parse_args(argv=None):
@@ -45,16 +46,52 @@ def parse_args(argv=None):
 
 
 def align(args):
-    """Aligned crops of --images in --aligned-dir (existing crops are reused); returns that folder.
+    """Aligned crops of --images in --aligned-dir (existing crops are reused); returns that folder and
+    {template id: photo} of the photos that failed alignment.
 
     Images listed in --landmarks are warped from their points; the others go through MTCNN and the
     alignment module's fallbacks.
     """
-    from recognition.align import align_folder
     out_dir = args.aligned_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'aligned')
-    align_folder(args.images, out_dir, image_size=112, landmarks=args.landmarks or None,
-                 num_workers=args.workers, skip_existing=True)
-    return out_dir
+    rows = align_folder(args.images, out_dir, image_size=112, landmarks=args.landmarks or None,
+                        num_workers=args.workers, skip_existing=True)
+    failed = {os.path.splitext(os.path.basename(r.path))[0]: r.path for r in rows if r.status == 'failed'}
+    return out_dir, failed
+
+
+def check_template(args, images, failed, report):
+    """Problems of the template that `predict` cannot name: no pairs, repeated pairs (a warning: each row
+    is scored, in the template's order), ids whose photo exists but failed alignment."""
+    id1, id2, _, _ = read_pairs_csv(args.template)
+    if not len(id1):
+        raise UserError(f'{args.template}: no pairs (only a header)')
+    pairs = [frozenset(p) for p in zip(id1, id2)]
+    repeated = len(pairs) - len(set(pairs))
+    if repeated:
+        print(f'warning: {args.template}: {repeated} duplicate pair rows (the same two template ids again); '
+              f'each is scored and kept in the template\'s order', file=sys.stderr)
+    unaligned = sorted(t for t in set(id1) | set(id2) if t not in images and t in failed)
+    if unaligned and args.missing_score is None:
+        shown = ', '.join(failed[t] for t in unaligned[:10]) + (' ...' if len(unaligned) > 10 else '')
+        raise UserError(f'{args.template}: {len(unaligned)} template ids whose photo failed alignment: {shown} '
+                        f'(see {report}; or pass --missing-score)')
+    return unaligned
+
+
+def provenance(args, model_dirs, switch_model, summary):
+    """What made the predictions, for the report: models, fusion, post-processing, the raw fused scores."""
+    post = ([f'k-NN re-ranking (k={args.rerank_k})'] if args.rerank else []) + (['gap-cut'] if args.gap_cut else [])
+    if args.fusion == 'switch':
+        post.append(f'switch to {switch_model} above {args.switch_threshold:g}' + (' (max)' if args.switch_max else ''))
+    models = []
+    for d in model_dirs:
+        spec = model_dir_spec(d)
+        models.append({'name': spec['name'], 'folder': os.path.abspath(d), 'checkpoint': f'{spec["prefix"]},{spec["epoch"]}',
+                       'layer': spec['layer']})
+    return {'predictions': os.path.basename(args.out), 'template': os.path.abspath(args.template), 'models': models,
+            'fusion': args.fusion, 'post_processing': post,
+            'raw_scores': os.path.basename(summary['raw']) if summary['raw'] else None,
+            'missing_score': args.missing_score, 'missing_pairs': summary['missing_pairs']}
 
 
 def main(argv=None):
@@ -68,16 +105,21 @@ def main(argv=None):
         switch_model = next((n for n in names if 'hard' in n), '')
         if not switch_model:
             raise UserError(f'--fusion switch: no model name contains "hard" in {names}; pass --switch-model')
-    image_dir = args.images if args.already_aligned else align(args)
+    image_dir, failed = (args.images, {}) if args.already_aligned else align(args)
+    images = template_images(image_dir)
+    report = os.path.join(image_dir, REPORT_NAME)
+    unaligned = check_template(args, images, failed, report)
     print(f'models: {", ".join(names)}; images: {image_dir}', flush=True)
-    summary = predict(args.template, template_images(image_dir), embedders, args.out,
+    summary = predict(args.template, images, embedders, args.out,
                       missing_score=args.missing_score, batch_size=args.batch_size, progress=True,
                       fusion=args.fusion, switch_model=switch_model, switch_threshold=args.switch_threshold,
                       switch_max=args.switch_max,
                       rerank=args.rerank, k=args.rerank_k, gap=args.gap_cut)
     if summary['missing']:
-        print(f'warning: {len(summary["missing"])} template ids without an image; '
+        why = f' ({len(unaligned)} failed alignment, see {report})' if unaligned else ''
+        print(f'warning: {len(summary["missing"])} template ids without an aligned image{why}; '
               f'{summary["missing_pairs"]} pairs scored {args.missing_score}', file=sys.stderr)
+    write_json(provenance_path(args.out), provenance(args, model_dirs, switch_model, summary))
     print(f'wrote {args.out}: {summary["pairs"]} pairs over {summary["images"]} images', flush=True)
 
 

@@ -5,6 +5,7 @@ Each case checks the exit status, a one-line message naming the file, that the p
 byte-identical and that no temporary file is left.
 """
 import glob
+import json
 import os
 import re
 import shutil
@@ -114,7 +115,7 @@ def test_sigterm_removes_temporaries_workers_and_lock(packed):
     before['train.lst'] = open(os.path.join(packed, 'train.lst'), 'rb').read()
     before['big.jpg'] = open(os.path.join(packed, 'big.jpg'), 'rb').read()
     proc, workers = start_slow_packer(packed)
-    assert os.path.isfile(os.path.join(packed, 'train.lock'))
+    assert os.path.isfile(os.path.join(packed, '.lock'))
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1] == 'terminated', err
@@ -131,8 +132,9 @@ def test_sigkill_leaves_temporaries_the_rerun_removes(packed, tmp_path):
     proc.wait()
     wait_for(lambda: not any(running(w) for w in workers), timeout=10)   # no orphan workers
     left = temps(packed)
-    assert any(f.startswith('.train.rec.') for f in left) and os.path.isfile(os.path.join(packed, 'train.lock'))
-    assert open(os.path.join(packed, 'train.lock')).read().split()[0] == str(proc.pid)
+    assert any(f.startswith('.train.rec.') for f in left)
+    with open(os.path.join(packed, '.lock')) as f:
+        assert json.load(f)['pid'] == proc.pid   # a stale lock: its process is dead
 
     reference = str(tmp_path / 'reference')   # the same list packed in a clean folder
     os.makedirs(reference)
@@ -142,7 +144,7 @@ def test_sigkill_leaves_temporaries_the_rerun_removes(packed, tmp_path):
     rerun = run(FACE2REC, os.path.join(packed, 'train'))
     assert rerun.returncode == 0, rerun.stderr
     assert 'removed %d temporary files of an interrupted run' % len(left) in rerun.stderr
-    assert temps(packed) == [] and not os.path.exists(os.path.join(packed, 'train.lock'))
+    assert temps(packed) == [] and not os.path.exists(os.path.join(packed, '.lock'))
     for name in ('train.rec', 'train.idx', 'property'):
         assert open(os.path.join(packed, name), 'rb').read() == open(os.path.join(reference, name), 'rb').read()
 
@@ -154,7 +156,8 @@ def test_a_second_packer_on_the_prefix_is_refused(packed):
     try:
         second = run(FACE2REC, os.path.join(packed, 'train'))
         line = one_error_line(second)
-        assert 'train.lock' in line and f'already running (process {proc.pid})' in line
+        assert line.startswith(f'error: {packed}: in use by another face2rec2 (pid {proc.pid} on ')
+        assert os.path.join(packed, '.lock') in line
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
@@ -303,32 +306,7 @@ def test_disk_full_while_packing(tiny_disk, tmp_path):
     write_lst(os.path.join(tiny_disk, 'train.lst'), [LstItem(1, noise, k // 4) for k in range(200)])
     before['train.lst'] = open(os.path.join(tiny_disk, 'train.lst'), 'rb').read()
     line = one_error_line(run(FACE2REC, os.path.join(tiny_disk, 'train'), '--num-thread', 2))
-    assert line.startswith(f'error: {os.path.join(tiny_disk, "train.rec")}: no space left on device (')
-    assert f'MB free in {tiny_disk}, about ' in line and 'MB needed)' in line
+    assert line.startswith(f'error: {os.path.join(tiny_disk, "train.rec")}: disk full (')
+    assert re.search(r'\(about [0-9.]+ MB needed, [0-9.]+ MB free in ' + re.escape(tiny_disk), line), line
     assert temps(tiny_disk) == [] and snapshot(tiny_disk) == before
 
-
-def test_folder_lock_refuses_a_live_holder_takes_a_stale_one_and_releases_on_any_exit(tmp_path):
-    from recognition.utils import folder_lock
-    lock = str(tmp_path / 'run.lock')
-    with folder_lock(lock, 'training'):
-        assert open(lock).read().split()[0] == str(os.getpid())
-        with pytest.raises(UserError, match=f'run.lock: training is already running \\(process {os.getpid()}\\)'):
-            with folder_lock(lock, 'training'):
-                pass
-    assert not os.path.exists(lock)
-    dead = subprocess.Popen(['true'])
-    dead.wait()
-    with open(lock, 'w') as f:
-        f.write(f'{dead.pid} {os.uname().nodename}\n')
-    with pytest.raises(RuntimeError):
-        with folder_lock(lock, 'training'):   # stale: taken over, then released by the exception
-            assert open(lock).read().split()[0] == str(os.getpid())
-            raise RuntimeError
-    assert not os.path.exists(lock)
-    with open(lock, 'w') as f:
-        f.write('1 another-host\n')
-    with pytest.raises(UserError, match='locked by process 1 on another-host'):
-        with folder_lock(lock, 'training'):
-            pass
-    assert open(lock).read() == '1 another-host\n'

@@ -9,7 +9,6 @@ import concurrent.futures
 import contextlib
 import csv
 import ctypes
-import errno
 import glob
 import json
 import logging
@@ -28,7 +27,8 @@ from recognition.data.lst import read_lst, resolve_lst_path
 from recognition.data.record import (KNOWN_CODES, IdentityRecordWriter, check_classes, property_path,
                                      read_property, write_property)
 from recognition.data.shards import manifest_path, read_manifest, shard_prefixes, write_manifest
-from recognition.utils import (UserError, atomic_open, check_terminated, folder_lock, no_space_error,
+from recognition.locking import folder_lock
+from recognition.utils import (UserError, atomic_open, check_terminated, is_disk_full, no_space_error,
                                signals_deferred)
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,8 @@ def _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_s
     except BaseException as e:
         for w in writers:
             w.abort()
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        results.close()   # the forked workers hold the temporaries open: their space is free once they exit
+        if is_disk_full(e):
             raise no_space_error(out_prefix + ('.rec' if num_shards == 1 else '_*.rec'), plan.input_bytes()) from None
         raise
     finally:
@@ -403,7 +404,7 @@ def _remove_superseded(out_prefix, written, previous):
 def _remove_stale_temps(out_prefix):
     """Temporary files a killed run on this prefix left (`.train.rec.XXXX.tmp`, `.train_3.idx.XXXX.tmp`).
 
-    Only called under the prefix's lock, so no live packer owns them.
+    Only called under the folder's lock, so no live packer owns them.
     """
     folder = os.path.dirname(os.path.abspath(out_prefix))
     pattern = re.compile(r'^\.%s(_\d+)?(\.rec|\.idx|\.attributes\.json|\.skipped\.txt|\.shards\.json)\.\w+\.tmp$'
@@ -461,8 +462,9 @@ def pack(prefix, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attri
 
     `attributes`: a CSV path (see AttributeTable) whose columns become label[2:]. `codes`: what the
     CSV's integer codes mean, {column: {code: meaning}} or a JSON file of it (default: the CSV's
-    `codes_path` file if present); recorded in `PREFIX.attributes.json`. Each output prefix is locked
-    (`<prefix>.lock`) for the run; temporary files a killed earlier run left are removed first.
+    `codes_path` file if present); recorded in `PREFIX.attributes.json`. Each output folder is locked
+    (`recognition.locking.folder_lock`, `.lock`) for the run; temporary files a killed earlier run on
+    these prefixes left are removed first.
     """
     if codes is not None and not attributes:
         raise UserError(f'{prefix}: attribute codes given without an attribute CSV')
@@ -478,10 +480,11 @@ def pack(prefix, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attri
     table = AttributeTable(attributes, codes) if attributes else None
     start = time.time()
     with contextlib.ExitStack() as locks:
+        # One packer per output folder: its recs share the folder's `property`.
+        for folder in sorted({os.path.dirname(os.path.abspath(lst)) for lst in lsts}):
+            locks.enter_context(folder_lock(folder, 'face2rec2'))
         for lst in lsts:
-            out_prefix = os.path.splitext(lst)[0]
-            locks.enter_context(folder_lock(out_prefix + '.lock', f'face2rec2 on {out_prefix}'))
-            _remove_stale_temps(out_prefix)
+            _remove_stale_temps(os.path.splitext(lst)[0])
         plans = [_Plan(lst, table, num_shards) for lst in lsts]
         _check_properties(plans, image_size)
         results = {plan.lst_path: _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_size)
@@ -492,12 +495,7 @@ def pack(prefix, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attri
             have = read_property(path)
             if have is not None and tuple(have) != (k, *image_size):
                 log.info('%s: %s replaced by %d,%d,%d', path, ','.join(map(str, have)), k, *image_size)
-            try:
-                write_property(path, k, image_size)
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise no_space_error(path) from None
-                raise
+            write_property(path, k, image_size)   # a full disk: atomic_open's one-line error
     results = list(results.values())
     return {'images': sum(r['images'] for r in results),
             'identities': sum(r['identities'] for r in results),

@@ -501,6 +501,7 @@ class IdentityRecordWriter:
         if not self._open:
             return
         self._open = False
-        # Closing flushes buffered bytes, which fails again on a full disk; the temporaries go anyway.
-        with contextlib.suppress(OSError):
+        # Closing flushes buffered bytes, which fails again on a full disk (atomic_path reports it as a
+        # UserError); the temporaries go anyway, and the caller reports its own error.
+        with contextlib.suppress(OSError, UserError):
             self._stack.__exit__(RuntimeError, RuntimeError('aborted'), None)

@@ -20,14 +20,11 @@ OUTPUT_PREFIX, OUTPUT_SUFFIX = 'attr_', '_output'
 
 def attribute_heads(prefix):
     """{attribute: (output layer, class names or None)} of `prefix-symbol.json`; UserError if it has none."""
-    import mxnet as mx
+    from ..checkpoint import load_symbol
     path = f'{prefix}-symbol.json'
     if not os.path.isfile(path):
         raise UserError(f'{path}: checkpoint file not found')
-    try:
-        sym = mx.sym.load(path)
-    except mx.base.MXNetError:
-        raise UserError(f'{path}: not an MXNet symbol file') from None
+    sym = load_symbol(path)
     internals = sym.get_internals()
     heads = {}
     for out in sym.list_outputs():
