@@ -1,4 +1,4 @@
-"""Small shared helpers: user-facing errors, atomic file output, run locks, signal handling, CLI entry wrapper, contexts."""
+"""Small shared helpers: user-facing errors, atomic file output and disk-full errors, signal handling, CLI entry wrapper, contexts."""
 import contextlib
 import errno
 import json
