@@ -1,12 +1,17 @@
 """Pack every PREFIX*.lst into insightface's identity-indexed RecordIO (PREFIX.rec/.idx + property).
 
     python data_process/face2rec2.py datasets/demo_fairface/train --attributes train_attributes.csv
+
+With --num-shards S the shards PREFIX_0.rec ... are committed as one set by PREFIX.shards.json. One
+packer per output folder at a time (its .lock); SIGTERM or Ctrl-C removes the temporary files and
+exits non-zero, and a re-run removes those a SIGKILLed run left. `property` is per folder: a list that needs
+another one than the folder's other recs is refused.
 """
 import argparse
 import logging
 
 from recognition.data.packer import pack
-from recognition.utils import run_cli
+from recognition.utils import run_cli, sigterm_raises
 
 
 def image_size(text):
@@ -31,9 +36,10 @@ def main():
     parser.add_argument('--image-size', type=image_size, default=(112, 112), help='H,W of the stored faces')
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format='%(levelname)s: %(message)s')
-    summary = pack(args.prefix, num_threads=args.num_thread, quality=args.quality, encoding=args.encoding,
-                   num_shards=args.num_shards, attributes=args.attributes, image_size=args.image_size,
-                   codes=args.attribute_codes)
+    with sigterm_raises():   # SIGTERM unwinds like Ctrl-C: temporary files and workers are cleaned up
+        summary = pack(args.prefix, num_threads=args.num_thread, quality=args.quality, encoding=args.encoding,
+                       num_shards=args.num_shards, attributes=args.attributes, image_size=args.image_size,
+                       codes=args.attribute_codes)
     print('packed %(images)d images of %(identities)d identities into %(shards)d rec(s), '
           'skipped %(skipped)d, in %(seconds).1fs' % summary)
     for path in summary['outputs']:

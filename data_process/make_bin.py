@@ -9,13 +9,14 @@ detector with fallbacks, JPEG-encoded, and stored in pair order with the issame 
 import argparse
 import collections
 import os
+import sys
 
 import cv2
 
 from recognition.alignment.fallbacks import align_face
 from recognition.alignment.geometry import crop_size
 from recognition.alignment.landmarks_file import read_landmarks_file, relative_key
-from recognition.data.bin import write_bin
+from recognition.data.bin import check_pairs, write_bin
 from recognition.data.pairs import parse_pairs
 from recognition.utils import UserError, run_cli
 
@@ -52,6 +53,10 @@ def main(argv=None):
     summary = ', '.join(f'{statuses[s]} {s}' for s in sorted(statuses))
     print(f'wrote {args.out}: {len(pairs)} pairs ({sum(p[2] for p in pairs)} same), '
           f'{len(paths)} images ({summary})')
+    try:
+        check_pairs(args.out, [pair[2] for pair in pairs])
+    except UserError as e:   # written anyway (a smoke-test set), but the trainer will refuse it
+        print(f'warning: {e}; train/train.py and test/verification.py refuse it', file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -1,15 +1,69 @@
-"""Small shared helpers: user-facing errors, atomic file output, CLI entry wrapper, contexts."""
+"""Small shared helpers: user-facing errors, atomic file output and disk-full errors, signal handling, CLI entry wrapper, contexts."""
 import contextlib
 import errno
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line naming the file, never as a traceback."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived inside `sigterm_raises()`: unwinds like Ctrl-C so every cleanup block runs."""
+
+
+_sigterm_received = []   # signals seen by `sigterm_raises`' handler, for `check_terminated`
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within the block, SIGTERM raises `Terminated` in the main thread; `run_cli` turns it into
+    `terminated` and exit status 143. Later SIGTERMs are ignored while cleaning up.
+
+    A handler's exception can land where Python swallows it (an at-fork hook, a `__del__`), so long
+    loops also call `check_terminated()`, which raises it again.
+    """
+    def handler(signum, frame):
+        _sigterm_received.append(signum)
+        if len(_sigterm_received) == 1:
+            raise Terminated()
+    _sigterm_received.clear()
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        _sigterm_received.clear()
+
+
+def check_terminated():
+    """Raise `Terminated` if SIGTERM arrived inside `sigterm_raises()` (a no-op elsewhere)."""
+    if _sigterm_received:
+        raise Terminated()
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM arriving within the block are delivered when it ends, so a short critical
+    step (renaming a set of files into place) is never cut in half. Main thread only; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)
 
 
 def _human_size(nbytes):
@@ -17,7 +71,7 @@ def _human_size(nbytes):
     return f'{nbytes / 2 ** 20:.1f} MB' if nbytes >= 2 ** 20 else f'{nbytes / 2 ** 10:.0f} KB'
 
 
-def _is_disk_full(error):
+def is_disk_full(error):
     """ENOSPC/EDQUOT, or MXNet's writer, which reports a short write as 'FileStream.Write incomplete'."""
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -33,6 +87,15 @@ def ensure_free_space(path, nbytes, margin=1 << 16):
     if free < nbytes + margin:
         raise UserError(f'{path}: not enough free space ({_human_size(nbytes + margin)} needed, '
                         f'{_human_size(free)} free in {folder})')
+
+
+def no_space_error(path, needed):
+    """The UserError for a disk that filled up while writing `path`: the free space and about how much
+    the write needs (the caller's estimate), in one line."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    return UserError(f'{path}: disk full (about {_human_size(needed)} needed, {_human_size(free)} free in '
+                     f'{folder}; free some space and run again)')
 
 
 @contextlib.contextmanager
@@ -56,7 +119,7 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
     except Exception as e:
-        if not _is_disk_full(e):
+        if not is_disk_full(e):
             raise
         written = os.path.getsize(tmp) if tmp and os.path.exists(tmp) else 0
         had = shutil.disk_usage(folder).free + written
@@ -119,6 +182,9 @@ def run_cli(main):
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print('terminated', file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     sys.exit(code or 0)
 
 

@@ -27,7 +27,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from recognition.data.bin import load_bin
+    from recognition.data.bin import load_verification_set
     prefix, epochs = parse_model_ref(args.model)
     try:
         image_size = tuple(int(v) for v in args.image_size.split(','))
@@ -36,10 +36,8 @@ def main(argv=None):
     ctx = parse_contexts(args.gpus, args.ctx)
     sets = []
     for name in [t for t in args.target.split(',') if t]:
-        path = os.path.join(args.data_dir, name + '.bin')
-        if not os.path.isfile(path):
-            raise UserError(f'{path}: verification set not found')
-        data_list, issame = load_bin(path, image_size)
+        data_list, issame = load_verification_set(os.path.join(args.data_dir, name + '.bin'), image_size,
+                                                  args.nfolds)
         sets.append((name, data_list, issame))
         print(f'loaded {name}: {len(issame)} pairs', flush=True)
     for epoch in epochs:

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from recognition.data.bin import load_bin, read_bin, write_bin
+from recognition.data.bin import check_pairs, load_bin, load_verification_set, read_bin, write_bin
 from recognition.utils import UserError
 
 
@@ -73,3 +73,16 @@ def test_garbage_and_wrong_shapes_are_user_errors(tmp_path):
         read_bin(tmp_path / 'count.bin')
     with pytest.raises(UserError, match='no such'):
         read_bin(tmp_path / 'none.bin')
+
+
+def test_a_set_too_small_for_10_folds_is_refused(tmp_path):
+    check_pairs('x.bin', [True] * 10 + [False] * 10)
+    with pytest.raises(UserError, match='x.bin: 10 same-person and 9 different-person pairs; 10-fold'):
+        check_pairs('x.bin', [True] * 10 + [False] * 9)
+    check_pairs('x.bin', [True, False] * 5, nfolds=5)
+    path = tmp_path / 'small.bin'
+    write_bin(path, [jpeg(1)] * 6, [True, False, True])
+    with pytest.raises(UserError, match='small.bin: 2 same-person and 1 different-person pairs'):
+        load_verification_set(path)
+    with pytest.raises(UserError, match='none.bin: verification set not found'):
+        load_verification_set(tmp_path / 'none.bin')

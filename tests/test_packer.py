@@ -255,3 +255,29 @@ def test_cli_exit_status(tmp_path):
     run = subprocess.run([sys.executable, os.path.join(ROOT, 'data_process', 'face2rec2.py'), str(tmp_path / 'train'),
                           '--num-thread', '2'], capture_output=True, text=True)
     assert run.returncode == 0 and 'packed 15 images of 5 identities' in run.stdout
+
+
+def test_each_packing_run_replaces_the_prefixs_previous_generation(tmp_path):
+    from recognition.data.dataset import FaceRecordDataset
+    from recognition.data.shards import read_manifest, training_recs
+    make_faces(str(tmp_path), identities=8)
+    folder = str(tmp_path)
+
+    def recs():
+        return sorted(f for f in os.listdir(folder) if f.endswith(('.rec', '.idx', '.shards.json')))
+
+    packer.pack(str(tmp_path / 'train'))
+    packer.pack(str(tmp_path / 'train'), num_shards=4)   # shards supersede the single rec
+    assert recs() == ['train.shards.json'] + ['train_%d.%s' % (s, e) for s in range(4) for e in ('idx', 'rec')]
+    manifest = read_manifest(str(tmp_path / 'train'))
+    assert [(s['rec'], s['first_identity'], s['max_identity']) for s in manifest['shards']] == \
+        [('train_0.rec', 0, 1), ('train_1.rec', 2, 3), ('train_2.rec', 4, 5), ('train_3.rec', 6, 7)]
+    assert manifest['identities'] == 8 and manifest['shards'][0]['rec_bytes'] == (tmp_path / 'train_0.rec').stat().st_size
+    # A distributed rank opens some shards of the set: ids 0..1 of 8 classes is no property mismatch.
+    assert FaceRecordDataset([str(tmp_path / 'train_0.rec')]).num_classes == 8
+    packer.pack(str(tmp_path / 'train'), num_shards=2)   # shards of the old manifest beyond 2 go
+    assert recs() == ['train.shards.json'] + ['train_%d.%s' % (s, e) for s in range(2) for e in ('idx', 'rec')]
+    packer.pack(str(tmp_path / 'train'))                 # a single rec supersedes manifest and shards
+    assert recs() == ['train.idx', 'train.rec']
+    assert training_recs(folder, 'demo') == [str(tmp_path / 'train.rec')]
+    assert (tmp_path / 'property').read_text() == '8,112,112\n'

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from recognition.data.dataset import EpochSampler
+from recognition.data.record import IdentityRecordWriter
 from recognition.distributed import free_port, launch
 from recognition.training.kvstore import Topology
 from recognition.training.loop import training_recs
@@ -174,10 +175,11 @@ def test_strided_partition_is_disjoint_and_even():
 
 
 def test_shards_are_read_whole_per_rank(tmp_path):
-    for i in (2, 0, 10, 1):
-        (tmp_path / f'train_{i}.rec').write_bytes(b'')
+    for i in (2, 0, 10, 1, 3, 4, 5, 6, 7, 8, 9):   # shards without manifest, identity i in shard i
+        with IdentityRecordWriter(str(tmp_path / f'train_{i}'), write_property=False) as w:
+            w.add_identity(i, [(b'x', 1, None)])
     recs = [os.path.basename(p) for p in training_recs(str(tmp_path), 'demo')]
-    assert recs == ['train_0.rec', 'train_1.rec', 'train_2.rec', 'train_10.rec']
+    assert recs == ['train_%d.rec' % i for i in range(11)]   # numeric order, not train_10 before train_2
     assert Topology([], 'dist_sync', rank=1, num_workers=2, name='dist_sync').shard_plan(4) == [1, 3]
     # Fewer shards than workers: every worker opens all and takes a strided part of the samples.
     assert Topology([], 'dist_sync', rank=1, num_workers=3, name='dist_sync').shard_plan(2) is None

@@ -67,6 +67,24 @@ def read_bin(path):
     return bins, issame
 
 
+def check_pairs(path, issame, nfolds=10):
+    """Refuse a set too small for `nfolds`-fold verification: each fold needs pairs of both kinds."""
+    same = sum(issame)
+    different = len(issame) - same
+    if min(same, different) < nfolds:
+        raise UserError(f'{path}: {same} same-person and {different} different-person pairs; '
+                        f'{nfolds}-fold verification needs at least {nfolds} of each')
+
+
+def load_verification_set(path, image_size=(112, 112), nfolds=10):
+    """`load_bin` of a set checked to be usable (`check_pairs`, every image decodes), before any model runs."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: verification set not found')
+    check_pairs(path, read_bin(path)[1], nfolds)
+    return load_bin(path, image_size)
+
+
 def load_bin(path, image_size=(112, 112)):
     """([NDArray N x 3 x H x W, the same flipped horizontally], issame_list) as insightface's load_bin.
 

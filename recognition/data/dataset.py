@@ -6,6 +6,7 @@ cheaply into DataLoader workers.
 """
 import ctypes
 import glob
+import logging
 import os
 
 import cv2
@@ -14,13 +15,19 @@ from mxnet import gluon, nd
 from mxnet.base import _LIB, check_call
 import mxnet as mx
 
-from recognition.data.record import RecordFile, read_layout, unpack_header
+from recognition.data.record import RecordFile, check_classes, property_path, read_layout, unpack_header
+from recognition.data.shards import check_against_manifest, set_totals
 from recognition.data.transforms import sample_rng, to_chw
 from recognition.utils import UserError
 
+log = logging.getLogger(__name__)
+
 
 def expand_rec_paths(paths):
-    """A rec path, a glob ('train_*.rec') or a list of either -> sorted, existing rec paths."""
+    """A rec path, a glob ('train_*.rec') or a list of either -> sorted, existing rec paths.
+
+    A shard whose prefix has a manifest (`recognition.data.shards`) must be one it names, at its size.
+    """
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     out = []
     for p in items:
@@ -34,7 +41,17 @@ def expand_rec_paths(paths):
             out.append(p if p.endswith('.rec') else p + '.rec')
     if not out:
         raise UserError('no rec file given')
+    check_against_manifest(out)
     return out
+
+
+def _stored_image_size(record, layout):
+    """(H, W) of the rec's first image as stored, or None if it does not decode."""
+    if not layout.num_images:
+        return None
+    body = unpack_header(record.read(int(layout.image_keys[0])))[2]
+    img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
+    return None if img is None else tuple(img.shape[:2])
 
 
 class FaceRecordDataset(gluon.data.Dataset):
@@ -60,7 +77,12 @@ class FaceRecordDataset(gluon.data.Dataset):
         self.attribute_names = list(first.attribute_names)
         self.attribute_codes = dict(first.attribute_codes)
         self.label_width = first.label_width
-        self.image_size = first.image_size or (112, 112)
+        # The images are the truth for their size: a `property` that says otherwise is reported and overruled.
+        stored = _stored_image_size(self._files[0], first)
+        if stored and first.image_size and stored != tuple(first.image_size):
+            log.warning('%s: says %dx%d images, %s stores %dx%d: using %dx%d', property_path(first.rec_path),
+                        *first.image_size, first.rec_path, *stored, *stored)
+        self.image_size = stored or first.image_size or (112, 112)
 
         # One row per (shard, identity range); rows of the same identity are merged by a stable sort.
         shard = np.concatenate([np.full(lay.num_identities, s, np.int64) for s, lay in enumerate(layouts)])
@@ -87,10 +109,23 @@ class FaceRecordDataset(gluon.data.Dataset):
         self.id2range = {}
         for i, a, b in zip(ident.tolist(), (ends - sizes).tolist(), ends.tolist()):
             self.id2range[i] = (self.id2range[i][0], b) if i in self.id2range else (a, b)
-        property_classes = [lay.num_classes for lay in layouts if lay.num_classes is not None]
-        max_id = int(ident.max()) + 1 if ident.size else 0
-        self.num_classes = max(property_classes + [max_id]) if property_classes else max_id
+        self.num_classes = self._check_classes(layouts)
         self._sample_attributes = None
+
+    def _check_classes(self, layouts):
+        """`property`'s class count, checked against the identities of the whole set (one rec, or the
+        shard set's manifest); the largest identity id + 1 without `property`."""
+        ids = np.unique(np.concatenate([lay.identities for lay in layouts]))
+        max_id = int(ids.max()) if ids.size else -1
+        totals = set_totals(self.rec_paths)
+        whole = totals is not None or len(layouts) == 1
+        n, set_max = totals if totals is not None else (ids.size, max_id)
+        what = self.rec_paths[0] if len(self.rec_paths) == 1 else 'the shard set of ' + self.rec_paths[0]
+        for lay in layouts:
+            if lay.num_classes is not None:
+                check_classes(property_path(lay.rec_path), lay.num_classes, n, max(set_max, max_id), what, whole)
+        property_classes = [lay.num_classes for lay in layouts if lay.num_classes is not None]
+        return max(property_classes) if property_classes else max_id + 1
 
     def __len__(self):
         return int(self._keys.size)

@@ -5,12 +5,18 @@ their landmarks, or without landmarks cropped as insightface's face_preprocess (
 widened by 44 px, else a centre box), in worker processes; results come back in list order, so the output is the same for any
 number of processes. Already aligned images keep their original bytes, as insightface.
 """
+import concurrent.futures
+import contextlib
 import csv
+import ctypes
 import glob
 import json
 import logging
 import multiprocessing
 import os
+import re
+import signal
+import sys
 import time
 
 import cv2
@@ -18,8 +24,12 @@ import numpy as np
 
 from recognition.alignment.geometry import bbox_crop, norm_crop
 from recognition.data.lst import read_lst, resolve_lst_path
-from recognition.data.record import KNOWN_CODES, IdentityRecordWriter, property_path, write_property
-from recognition.utils import UserError, atomic_open
+from recognition.data.record import (KNOWN_CODES, IdentityRecordWriter, check_classes, property_path,
+                                     read_property, write_property)
+from recognition.data.shards import manifest_path, read_manifest, shard_prefixes, write_manifest
+from recognition.locking import folder_lock
+from recognition.utils import (UserError, atomic_open, check_terminated, is_disk_full, no_space_error,
+                               signals_deferred)
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +222,17 @@ def encode_image(job):
 _worker_jobs = None   # the job list, inherited by forked pool workers (tasks carry only index ranges)
 
 
-def _init_worker(jobs):
+def _init_worker(jobs, parent):
+    """Pool worker set-up: default signal handling (the parent stops its workers) and, on Linux, death
+    with the parent, so a SIGKILLed packer leaves no orphan workers blocked on the task queue."""
     global _worker_jobs
     _worker_jobs = jobs
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    if os.getppid() != parent:   # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _encode_range(bounds):
@@ -227,7 +245,10 @@ def encoded_images(jobs, num_threads):
     """encode_image results in job order, over `num_threads` processes when more than one.
 
     Work goes out in chunks of consecutive jobs named by index range; the forked workers already
-    hold the job list (fork start: no pickling), so only the encoded bytes come back.
+    hold the job list (fork start: no pickling), so only the encoded bytes come back. Stopping early
+    (an error, SIGTERM) cancels the queued chunks and waits for the running ones: the executor keeps
+    reading results until its workers exit, where `Pool.terminate()` can deadlock on a worker blocked
+    writing a large result.
     """
     if num_threads <= 1:
         yield from map(encode_image, jobs)
@@ -236,13 +257,15 @@ def encoded_images(jobs, num_threads):
     ranges = [(a, min(a + chunk, len(jobs))) for a in range(0, len(jobs), chunk)]
     # No cv2.setNumThreads in the children: reconfiguring OpenCV's inherited pool after a fork
     # deadlocks; its parallel loops themselves are fork-safe.
-    pool = multiprocessing.get_context('fork').Pool(num_threads, initializer=_init_worker, initargs=(jobs,))
-    try:
-        for results in pool.imap(_encode_range, ranges):
-            yield from results
-    finally:
-        pool.terminate()
-        pool.join()
+    with concurrent.futures.ProcessPoolExecutor(num_threads, mp_context=multiprocessing.get_context('fork'),
+                                                initializer=_init_worker, initargs=(jobs, os.getpid())) as pool:
+        try:
+            with signals_deferred():   # the workers are forked here: no signal handler runs in fork hooks
+                chunks = pool.map(_encode_range, ranges)
+            for results in chunks:
+                yield from results
+        finally:
+            pool.shutdown(cancel_futures=True)
 
 
 def _shard_bounds(group_sizes, num_shards):
@@ -252,72 +275,146 @@ def _shard_bounds(group_sizes, num_shards):
     return np.minimum((cumulative * num_shards / total).astype(int), num_shards - 1)
 
 
-def pack_list(lst_path, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attributes=None,
-              image_size=(112, 112), out_prefix=None):
-    """Pack one `.lst` into `out_prefix.rec` (or S shards `out_prefix_s.rec`); returns a summary."""
+class _Plan:
+    """One `.lst` read and checked before any image is encoded: items in rec order, attributes, groups."""
+
+    def __init__(self, lst_path, table, num_shards):
+        self.lst_path = os.fspath(lst_path)
+        self.out_prefix = os.path.splitext(self.lst_path)[0]
+        self.items = _group_by_label(read_lst(self.lst_path), self.lst_path)
+        if not self.items:
+            raise UserError(f'{self.lst_path}: empty .lst')
+        self.lst_dir = os.path.dirname(os.path.abspath(self.lst_path))
+        self.attrs = [()] * len(self.items)
+        if table is not None:
+            self.attrs = [table.lookup(it.path, resolve_lst_path(it.path, self.lst_dir)) for it in self.items]
+            missing = [it.path for it, a in zip(self.items, self.attrs) if a is None]
+            if missing:
+                raise UserError(f'{table.csv_path}: no row for {len(missing)} of {len(self.items)} images '
+                                f'of {self.lst_path} (first: {missing[0]})')
+        labels = np.array([it.label for it in self.items])
+        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+        self.sizes = np.diff(np.r_[starts, len(self.items)])
+        if num_shards > len(self.sizes):
+            raise UserError(f'{self.lst_path}: {num_shards} shards but only {len(self.sizes)} identities')
+        self.shard_of = _shard_bounds(self.sizes, num_shards)
+        self.num_identities = len(self.sizes)
+        self.num_classes = int(labels.max()) + 1
+
+    def input_bytes(self):
+        """Bytes of the input images: about what the rec will take (aligned images are copied)."""
+        total = 0
+        for it in self.items:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(resolve_lst_path(it.path, self.lst_dir))
+        return total
+
+
+def _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_size):
+    """Pack one planned `.lst` into `PREFIX.rec` or the shards `PREFIX_s.rec` + manifest; a summary."""
     start = time.time()
-    lst_path = os.fspath(lst_path)
-    out_prefix = out_prefix or os.path.splitext(lst_path)[0]
-    table = AttributeTable(attributes) if isinstance(attributes, (str, os.PathLike)) else attributes
-    items = _group_by_label(read_lst(lst_path), lst_path)
-    if not items:
-        raise UserError(f'{lst_path}: empty .lst')
-    lst_dir = os.path.dirname(os.path.abspath(lst_path))
-    attrs = [()] * len(items)
-    if table is not None:
-        attrs = [table.lookup(it.path, resolve_lst_path(it.path, lst_dir)) for it in items]
-        missing = [it.path for it, a in zip(items, attrs) if a is None]
-        if missing:
-            raise UserError(f'{table.csv_path}: no row for {len(missing)} of {len(items)} images '
-                            f'of {lst_path} (first: {missing[0]})')
-    labels = np.array([it.label for it in items])
-    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
-    sizes = np.diff(np.r_[starts, len(items)])
-    if num_shards > len(sizes):
-        raise UserError(f'{lst_path}: {num_shards} shards but only {len(sizes)} identities')
-    shard_of = _shard_bounds(sizes, num_shards)
+    items, out_prefix = plan.items, plan.out_prefix
     names = table.names if table is not None else None
     codes = table.codes if table is not None else None
-    prefixes = [out_prefix] if num_shards == 1 else ['%s_%d' % (out_prefix, s) for s in range(num_shards)]
+    prefixes = [out_prefix] if num_shards == 1 else shard_prefixes(out_prefix, num_shards)
     params = _encode_params(encoding, quality)
     # Paths are resolved in the workers (a stat each): the main process only writes.
-    jobs = [(it.path, lst_dir, it.aligned, it.bbox, it.landmarks, tuple(image_size), encoding, params)
+    jobs = [(it.path, plan.lst_dir, it.aligned, it.bbox, it.landmarks, tuple(image_size), encoding, params)
             for it in items]
     writers, skipped = [], []
     results = encoded_images(jobs, num_threads)
     try:
         writers = [IdentityRecordWriter(p, image_size, names, codes, write_property=False) for p in prefixes]
         position = 0
-        for group, size in enumerate(sizes):
+        for group, size in enumerate(plan.sizes):
             images = []
             for i in range(position, position + size):
                 data, reason = next(results)
                 if data is None:
                     skipped.append((items[i].path, reason))
                 else:
-                    images.append((data, items[i].aligned, attrs[i]))
-            writers[shard_of[group]].add_identity(items[position].label, images)
+                    images.append((data, items[i].aligned, plan.attrs[i]))
+            writers[plan.shard_of[group]].add_identity(items[position].label, images)
             position += size
+            check_terminated()
+        results.close()   # every result is in: stop the worker processes before committing
         num_images = sum(w.num_images for w in writers)
         _write_skipped(out_prefix + '.skipped.txt', skipped)
         if num_images == 0:
-            raise UserError(f'{lst_path}: no usable images ({len(skipped)} skipped, '
+            raise UserError(f'{plan.lst_path}: no usable images ({len(skipped)} skipped, '
                             f'see {out_prefix}.skipped.txt)')
-        summaries = [w.close() for w in writers]
-    except BaseException:
+        summaries = [w.finish() for w in writers]
+        previous = _previous_shards(out_prefix)
+        check_terminated()
+        with signals_deferred():   # one generation: all shards renamed, or none
+            if num_shards > 1:
+                write_manifest(out_prefix, summaries)
+            for w in writers:
+                w.commit()
+            _remove_superseded(out_prefix, prefixes, previous)
+    except BaseException as e:
         for w in writers:
             w.abort()
+        results.close()   # the forked workers hold the temporaries open: their space is free once they exit
+        if is_disk_full(e):
+            raise no_space_error(out_prefix + ('.rec' if num_shards == 1 else '_*.rec'), plan.input_bytes()) from None
         raise
     finally:
-        results.close()   # stops the worker pool, if any
+        results.close()   # stops the worker processes, if any
     if skipped:
-        log.warning('%s: skipped %d images, listed in %s.skipped.txt', lst_path, len(skipped), out_prefix)
+        log.warning('%s: skipped %d images, listed in %s.skipped.txt', plan.lst_path, len(skipped), out_prefix)
     return {'images': sum(s['images'] for s in summaries),
             'identities': sum(s['identities'] for s in summaries),
             'skipped': len(skipped), 'shards': len(summaries),
             'seconds': time.time() - start,
             'outputs': [s['rec'] for s in summaries],
-            'num_classes': int(labels.max()) + 1}
+            'num_classes': max(s['max_identity'] for s in summaries if s['max_identity'] is not None) + 1}
+
+
+_OUTPUT_SUFFIXES = ('.rec', '.idx', '.attributes.json')
+
+
+def _previous_shards(out_prefix):
+    """The shard prefixes the prefix's current manifest names: what a new generation supersedes."""
+    folder = os.path.dirname(os.path.abspath(out_prefix))
+    try:
+        manifest = read_manifest(out_prefix)
+    except UserError:   # unreadable: its shards cannot be told apart from anything else
+        return []
+    return [os.path.join(folder, os.path.basename(s['rec'])[:-len('.rec')]) for s in (manifest or {}).get('shards', [])]
+
+
+def _remove_superseded(out_prefix, written, previous):
+    """After a commit, drop the prefix's outputs the new generation replaces: the single rec after shards
+    were written, the manifest after a single rec was, and `previous` shards that were not rewritten.
+    Numbered recs no manifest names are left alone: they may be another list's output, and the reader
+    ignores them beside a manifest or a single rec."""
+    keep = {os.path.abspath(p) for p in written}
+    if len(written) == 1:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(manifest_path(out_prefix))   # the reader now takes the single rec
+    for prefix in dict.fromkeys([os.path.abspath(out_prefix)] + previous):
+        if prefix in keep:
+            continue
+        for suffix in _OUTPUT_SUFFIXES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(prefix + suffix)
+
+
+def _remove_stale_temps(out_prefix):
+    """Temporary files a killed run on this prefix left (`.train.rec.XXXX.tmp`, `.train_3.idx.XXXX.tmp`).
+
+    Only called under the folder's lock, so no live packer owns them.
+    """
+    folder = os.path.dirname(os.path.abspath(out_prefix))
+    pattern = re.compile(r'^\.%s(_\d+)?(\.rec|\.idx|\.attributes\.json|\.skipped\.txt|\.shards\.json)\.\w+\.tmp$'
+                         % re.escape(os.path.basename(out_prefix)))
+    stale = [f for f in os.listdir(folder) if pattern.match(f)]
+    for f in stale:
+        os.remove(os.path.join(folder, f))
+    if stale:
+        log.warning('%s: removed %d temporary files of an interrupted run (%s)', folder, len(stale),
+                    ', '.join(stale[:3]) + (', ...' if len(stale) > 3 else ''))
 
 
 def _write_skipped(path, skipped):
@@ -328,13 +425,46 @@ def _write_skipped(path, skipped):
         os.remove(path)
 
 
+def _check_properties(plans, image_size):
+    """Refuse, before any image is encoded, a `property` this run could not write consistently.
+
+    `property` is per folder (insightface): one class count and image size for every rec in it. Lists
+    packed together into one folder get the largest count, which must still fit each of them
+    (`check_classes`). An existing `property` that differs may be replaced only when the folder holds
+    no rec besides this run's own outputs; otherwise it serves another rec and the run is refused.
+    """
+    for path, group in _by_property(plans).items():
+        want = (max(p.num_classes for p in group), int(image_size[0]), int(image_size[1]))
+        for plan in group:
+            check_classes(path, want[0], plan.num_identities, plan.num_classes - 1, plan.lst_path)
+        have = read_property(path)
+        if have is not None and tuple(have) != want:
+            ours = re.compile(r'^(%s)(_\d+)?\.rec$' % '|'.join(re.escape(os.path.basename(p.out_prefix))
+                                                             for p in group))
+            others = sorted(f for f in os.listdir(os.path.dirname(path)) if f.endswith('.rec') and not ours.match(f))
+            if others:
+                raise UserError(f'{path}: says {",".join(map(str, have))} for {", ".join(others)}; '
+                                f'{group[0].lst_path} needs {",".join(map(str, want))}: pack it into a folder '
+                                f'of its own (property is per folder)')
+
+
+def _by_property(plans):
+    """{property path: the plans whose recs it describes}."""
+    out = {}
+    for plan in plans:
+        out.setdefault(property_path(plan.out_prefix), []).append(plan)
+    return out
+
+
 def pack(prefix, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attributes=None,
          image_size=(112, 112), codes=None):
     """Pack every `PREFIX*.lst` (as insightface's face2rec2); write `property`; return a summary dict.
 
     `attributes`: a CSV path (see AttributeTable) whose columns become label[2:]. `codes`: what the
     CSV's integer codes mean, {column: {code: meaning}} or a JSON file of it (default: the CSV's
-    `codes_path` file if present); recorded in `PREFIX.attributes.json`.
+    `codes_path` file if present); recorded in `PREFIX.attributes.json`. Each output folder is locked
+    (`recognition.locking.folder_lock`, `.lock`) for the run; temporary files a killed earlier run on
+    these prefixes left are removed first.
     """
     if codes is not None and not attributes:
         raise UserError(f'{prefix}: attribute codes given without an attribute CSV')
@@ -349,13 +479,24 @@ def pack(prefix, num_threads=1, quality=95, encoding='.jpg', num_shards=1, attri
         raise UserError(f'{prefix}: unsupported --encoding {encoding} (use .jpg or .png)')
     table = AttributeTable(attributes, codes) if attributes else None
     start = time.time()
-    results = [pack_list(lst, num_threads, quality, encoding, num_shards, table, image_size) for lst in lsts]
-    classes = {}
-    for lst, r in zip(lsts, results):
-        folder = property_path(os.path.splitext(lst)[0])
-        classes[folder] = max(classes.get(folder, 0), r['num_classes'])
-    for path, k in classes.items():
-        write_property(path, k, image_size)
+    with contextlib.ExitStack() as locks:
+        # One packer per output folder: its recs share the folder's `property`.
+        for folder in sorted({os.path.dirname(os.path.abspath(lst)) for lst in lsts}):
+            locks.enter_context(folder_lock(folder, 'face2rec2'))
+        for lst in lsts:
+            _remove_stale_temps(os.path.splitext(lst)[0])
+        plans = [_Plan(lst, table, num_shards) for lst in lsts]
+        _check_properties(plans, image_size)
+        results = {plan.lst_path: _write_plan(plan, num_threads, quality, encoding, num_shards, table, image_size)
+                   for plan in plans}
+        for path, group in _by_property(plans).items():
+            # The classes of the identities written (a list's last identities may have lost every image).
+            k = max(results[plan.lst_path]['num_classes'] for plan in group)
+            have = read_property(path)
+            if have is not None and tuple(have) != (k, *image_size):
+                log.info('%s: %s replaced by %d,%d,%d', path, ','.join(map(str, have)), k, *image_size)
+            write_property(path, k, image_size)   # a full disk: atomic_open's one-line error
+    results = list(results.values())
     return {'images': sum(r['images'] for r in results),
             'identities': sum(r['identities'] for r in results),
             'skipped': sum(r['skipped'] for r in results),

@@ -75,6 +75,24 @@ def read_property(path):
     return values
 
 
+def check_classes(prop_path, num_classes, num_identities, max_identity, what, whole=True):
+    """Refuse a `property` class count that does not fit the identities of `what` (a rec or shard set).
+
+    fc7 has one row per class, indexed by identity id: the count must exceed every id, and when the
+    ids of the whole set (`whole`) are exactly 0..n-1 (a packed list) it must be n. More classes than
+    identities stays valid for sparse ids: a subset of a bigger set (hard-sample recs) keeps its
+    source's count.
+    """
+    if num_identities == 0:
+        return
+    if max_identity >= num_classes:
+        raise UserError(f'{prop_path}: says {num_classes} classes, but {what} holds identity ids up to '
+                        f'{max_identity} ({max_identity + 1} classes needed); fix it or re-pack with face2rec2')
+    if whole and max_identity + 1 == num_identities and num_classes != num_identities:
+        raise UserError(f'{prop_path}: says {num_classes} classes, but {what} holds {num_identities} identities '
+                        f'(ids 0..{max_identity}); fix it or re-pack with face2rec2')
+
+
 def write_attributes(path, names, codes):
     """Write the attribute sidecar: names in label order (label[2:]) and code meanings."""
     codes = {n: {str(k): v for k, v in codes.get(n, {}).items()} for n in names}
@@ -139,6 +157,13 @@ class RecordFile:
             raise UserError(f'{self.rec_path}: no such .rec file')
         self.idx_path = split_prefix(self.rec_path) + '.idx'
         keys, offsets = read_index(self.idx_path)
+        size = os.path.getsize(self.rec_path)
+        past = np.flatnonzero((offsets < 0) | (offsets + 8 > size))
+        if past.size:
+            line = int(past[0])
+            raise UserError(f'{self.idx_path}:{line + 1}: offset {int(offsets[line])} of key {int(keys[line])} is '
+                            f'past the end of {self.rec_path} ({size} bytes); the rec is truncated or '
+                            f'the .idx belongs to another rec')
         if keys.size > 1 and not (keys[1:] > keys[:-1]).all():
             order = np.argsort(keys, kind='stable')
             keys, offsets = keys[order], offsets[order]
@@ -188,30 +213,42 @@ class RecordFile:
             raise KeyError(f'{self.rec_path}: no record with key {key}')
         return int(self._offsets[i])
 
-    def _chunk(self, pos, head=None):
+    def _where(self, key):
+        """`train.idx:LINE (key K)`: the index line that points at record `key` (scanned on error only)."""
+        keys, _ = read_index(self.idx_path)
+        lines = np.flatnonzero(keys == key)
+        return f'{self.idx_path}:{int(lines[0]) + 1} (key {key})' if lines.size else f'{self.idx_path} key {key}'
+
+    def _chunk(self, key, pos, head=None):
         head = head if head is not None else os.pread(self._file(), 8, pos)
         if len(head) < 8:
-            raise UserError(f'{self.rec_path}: truncated at offset {pos}')
+            raise UserError(f'{self._where(key)}: {self.rec_path} is truncated at offset {pos}')
         magic, lrec = struct.unpack_from('<II', head)
         if magic != _MAGIC:
-            raise UserError(f'{self.rec_path}: no record at offset {pos} (index and rec do not match)')
+            raise UserError(f'{self._where(key)}: no record at offset {pos} of {self.rec_path} '
+                            f'(index and rec do not match)')
         return lrec >> 29, lrec & _LENGTH_MASK
+
+    def _part(self, key, pos, length):
+        data = os.pread(self._file(), length, pos + 8)
+        if len(data) < length:
+            raise UserError(f'{self._where(key)}: record {key} of {self.rec_path} is truncated '
+                            f'({len(data)} of {length} bytes)')
+        return data
 
     def read(self, key):
         """The payload (IRHeader + label + body) of record `key`, joined if dmlc split it."""
         pos = self.offset(key)
-        cflag, length = self._chunk(pos)
-        data = os.pread(self._file(), length, pos + 8)
-        if len(data) < length:
-            raise UserError(f'{self.rec_path}: truncated record {key}')
+        cflag, length = self._chunk(key, pos)
+        data = self._part(key, pos, length)
         if cflag == 0:
             return data
         # dmlc splits a payload at every aligned magic word: parts 1, 2.., 3 joined by the magic.
         parts = [data]
         pos += 8 + ((length + 3) & ~3)
         while cflag != 3:
-            cflag, length = self._chunk(pos)
-            parts.append(os.pread(self._file(), length, pos + 8))
+            cflag, length = self._chunk(key, pos)
+            parts.append(self._part(key, pos, length))
             pos += 8 + ((length + 3) & ~3)
         return _MAGIC_BYTES.join(parts)
 
@@ -219,7 +256,7 @@ class RecordFile:
         """(flag, label) of record `key` without reading its image bytes."""
         pos = self.offset(key)
         chunk = os.pread(self._file(), _HEAD_READ, pos)
-        cflag, length = self._chunk(pos, chunk[:8])
+        cflag, length = self._chunk(key, pos, chunk[:8])
         payload = chunk[8:8 + length]
         if cflag != 0 or len(payload) < _IR_SIZE:
             payload = self.read(key)
@@ -366,6 +403,7 @@ class IdentityRecordWriter:
         self._ranges, self._identities, self._seen = [], [], set()
         self._next = 1
         self._open = True
+        self._summary = None
 
     def _write(self, key, payload):
         framed = frame_record(payload)
@@ -410,10 +448,11 @@ class IdentityRecordWriter:
             self._identities.append(identity)
         return self._next - start
 
-    def close(self):
-        """Write identity records, patch the header, write idx/property/sidecar and rename all."""
-        if not self._open:
-            return None
+    def finish(self):
+        """Write identity records, patch the header and write idx/sidecar/property, all under their
+        temporary names; returns the summary, with the temporary files' sizes. `commit()` renames."""
+        if self._summary is not None or not self._open:
+            return self._summary
         try:
             n, k = self._next - 1, len(self._ranges)
             for i, (a, b) in enumerate(self._ranges):
@@ -429,6 +468,21 @@ class IdentityRecordWriter:
                 num_classes = self.num_classes if self.num_classes is not None else \
                     (max(self._identities) + 1 if self._identities else 0)
                 write_property(property_path(self.prefix), num_classes, self.image_size)
+        except BaseException:
+            self.abort()
+            raise
+        self._summary = {'rec': self.prefix + '.rec', 'images': n, 'identities': k,
+                         'first_identity': self._identities[0] if k else None,
+                         'max_identity': max(self._identities) if k else None,
+                         'rec_bytes': os.path.getsize(self._rec_tmp), 'idx_bytes': os.path.getsize(self._idx_tmp)}
+        return self._summary
+
+    def commit(self):
+        """Rename the finished files onto their final names: idx, then sidecar, then rec."""
+        summary = self.finish()
+        if not self._open:
+            return summary
+        try:
             if os.path.exists(self.prefix + '.rec'):
                 os.remove(self.prefix + '.rec')   # never pair an old rec with the new idx
         except BaseException:
@@ -436,11 +490,18 @@ class IdentityRecordWriter:
             raise
         self._open = False
         self._stack.close()   # renames idx, then sidecar, then rec (reverse order of creation)
-        return {'rec': self.prefix + '.rec', 'images': n, 'identities': k}
+        return summary
+
+    def close(self):
+        """`finish()` and `commit()`: the rec is complete under its final name."""
+        return self.commit()
 
     def abort(self):
         """Drop everything written so far; the final names are left untouched."""
         if not self._open:
             return
         self._open = False
-        self._stack.__exit__(RuntimeError, RuntimeError('aborted'), None)
+        # Closing flushes buffered bytes, which fails again on a full disk (atomic_path reports it as a
+        # UserError); the temporaries go anyway, and the caller reports its own error.
+        with contextlib.suppress(OSError, UserError):
+            self._stack.__exit__(RuntimeError, RuntimeError('aborted'), None)

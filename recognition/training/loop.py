@@ -11,10 +11,8 @@ masks are drawn from a generator reseeded from (seed, step) every step, so a res
 the steps a straight run would have taken.
 """
 import contextlib
-import glob
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -22,6 +20,7 @@ import time
 import numpy as np
 
 from .. import checkpoint, distributed
+from ..data.shards import training_recs
 from ..locking import folder_lock
 from ..utils import UserError
 from . import kvstore as kvstore_setup
@@ -86,30 +85,18 @@ def head_kwargs(opts):
 
 
 def load_val_sets(opts, image_size):
-    """The `val_targets` `.bin` files of the dataset folder; a listed target that is missing is an error."""
-    from ..data.bin import load_bin
+    """The `val_targets` `.bin` files of the dataset folder, each read and checked before step 1
+    (enough pairs of both kinds for 10 folds, every image decodable); a missing target is an error."""
+    from ..data.bin import load_verification_set
     sets = []
     for name in opts.val_targets:
         path = os.path.join(opts.dataset_path, name + '.bin')
         if not os.path.isfile(path):
             raise UserError(f'{path}: verification target {name!r} not found '
                             f'(give --val-targets to choose others, or --val-targets "" for none)')
-        data_list, issame = load_bin(path, image_size)
+        data_list, issame = load_verification_set(path, image_size)
         sets.append((name, data_list, issame))
     return sets
-
-
-def training_recs(folder, dataset_name):
-    """`train.rec`, or the shards `train_0.rec, train_1.rec, ...` that face2rec2 --num-shards writes."""
-    rec = os.path.join(folder, 'train.rec')
-    if os.path.isfile(rec):
-        return [rec]
-    shards = sorted(glob.glob(os.path.join(folder, 'train_*.rec')),
-                    key=lambda p: int(re.sub(r'\D', '', os.path.basename(p)) or 0))
-    if not shards:
-        raise UserError(f'{rec}: training rec not found (dataset {dataset_name!r}; '
-                        f'build it with data_process/face2rec2.py or give --data-dir)')
-    return shards
 
 
 class TrainingSession:
