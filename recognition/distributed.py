@@ -134,6 +134,23 @@ class Process:
                 pass
 
 
+def _child_of_a_stopping_process():
+    """After a fork in a process whose stop signals `StopSignals` handles (the data loader's workers of a
+    training process): SIGTERM and SIGHUP back to their default and no wakeup fd, so the SIGTERM the loader's
+    pool sends its workers at exit ends them (with the inherited handler they ignored it and the trainer
+    waited for them forever); SIGINT ignored, as a Ctrl-C to the terminal's group is the parent's to handle."""
+    if not StopSignals.active:
+        return
+    StopSignals.active = False
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+os.register_at_fork(after_in_child=_child_of_a_stopping_process)
+
+
 class StopSignals:
     """SIGINT, SIGTERM and SIGHUP go to `handler`. With `announce` (a process of a dist job) a watcher thread
     reacts at once even when the main thread is blocked inside MXNet, where Python runs no handler (the
@@ -141,8 +158,11 @@ class StopSignals:
     exits the process `STOP_GRACE` s after the first signal if it has not ended by then (a job that cannot
     stop, e.g. a peer died, must still leave no process behind)."""
 
+    active = False   # whether this process's stop signals are handled here (see _child_of_a_stopping_process)
+
     def __init__(self, handler, announce=True, grace=STOP_GRACE):
         self.old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+        StopSignals.active = True
         self.wakeup = None
         if announce:
             read_end, self.wakeup = os.pipe()
@@ -171,6 +191,7 @@ class StopSignals:
         already agreed to stop must not kill it on the way out."""
         for s, h in self.old.items():
             signal.signal(s, h if self.wakeup is None else _ignore)
+        StopSignals.active = self.wakeup is not None
 
 
 class StopVote:

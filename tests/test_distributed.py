@@ -1,5 +1,6 @@
 """The parameter-server launcher, on loopback only."""
 import os
+import signal
 import sys
 import textwrap
 
@@ -169,3 +170,25 @@ def test_ssh_launcher_end_to_end_with_a_local_ssh(tmp_path, worker_script, monke
     assert (tmp_path / 'hosts_used').read_text().split() == ['127.0.0.1'] * 4
     assert '[worker 1] worker done' in capfd.readouterr().out
     assert _job_processes(port) == [] and _port_free(port)
+
+
+def _child_signal_state(_):
+    return (signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+            signal.set_wakeup_fd(-1))
+
+
+def test_forked_loader_workers_do_not_inherit_the_stop_handlers():
+    """A data-loader worker forked while the trainer handles its stop signals must die on the SIGTERM its
+    pool sends at exit (with the trainer's handler it ignored it, and the trainer hung at exit)."""
+    import multiprocessing
+    from recognition.distributed import StopSignals
+    caught = []
+    stops = StopSignals(lambda signum, frame: caught.append(signum), announce=False)
+    try:
+        with multiprocessing.get_context('fork').Pool(1) as pool:
+            default_term, ignored_int, wakeup = pool.map(_child_signal_state, [0])[0]
+            pool.terminate()
+        assert default_term and ignored_int and wakeup == -1
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL   # the parent keeps its handler
+    finally:
+        stops.restore()
