@@ -117,7 +117,7 @@ dataset.demo_fairface.val_targets = ['val']
 
 # loss settings: the one list of losses. `recognition.losses.build_head(name)` builds each from its preset:
 # `loss_name` picks the head (losses.HEAD_TYPES), the other keys are its arguments in insightface's names
-# (loss_s, loss_m1, loss_m2, loss_m3, easy_margin; arc_circle's loss_gamma, loss_margin; losses.HEAD_ARGS).
+# (HEAD_ARGS below).
 loss = edict()
 loss.softmax = edict()
 loss.softmax.loss_name = 'softmax'
@@ -157,6 +157,13 @@ loss.arc_circle = edict()
 loss.arc_circle.loss_name = 'arc_circle'
 loss.arc_circle.loss_gamma = 64.0
 loss.arc_circle.loss_margin = 0.65 * math.pi
+
+# The one translation of the loss keys to head arguments: build_head and the trainer's head_kwargs use it
+# (build_head also takes the argument names). It lives here, not in losses.py, because the trainer module
+# imports it at the top and must not pull in gluon: a dist kvstore server imports the trainer's schedule
+# while mxnet itself is still initialising.
+HEAD_ARGS = {'loss_s': 's', 'loss_m1': 'm1', 'loss_m2': 'm2', 'loss_m3': 'm3', 'easy_margin': 'easy_margin',
+             'loss_gamma': 'gamma', 'loss_margin': 'margin'}
 
 # default settings (the CLI defaults of train/train.py)
 _default = edict()

@@ -13,11 +13,11 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from .config import preset
+from .config import HEAD_ARGS, preset
 from .utils import UserError
 
 __all__ = ['MarginHead', 'ArcCircleHead', 'CenterLoss', 'AttributeHead', 'AuxiliaryTasks', 'build_auxiliary',
-           'build_head', 'head_preset', 'HEAD_TYPES', 'HEAD_ARGS']
+           'build_head', 'head_preset', 'HEAD_TYPES']
 
 # Clip for cos(theta) before arccos: rounding can push a dot product of unit vectors to or just
 # past +-1, where arccos is NaN or its gradient infinite (insightface does not guard this).  Only
@@ -329,9 +329,6 @@ HEAD_TYPES = {
     'margin_softmax': (MarginHead, {}),
     'arc_circle': (ArcCircleHead, {}),
 }
-# The one translation of insightface's loss config keys to head arguments (build_head takes either name).
-HEAD_ARGS = {'loss_s': 's', 'loss_m1': 'm1', 'loss_m2': 'm2', 'loss_m3': 'm3', 'easy_margin': 'easy_margin',
-             'loss_gamma': 'gamma', 'loss_margin': 'margin'}
 
 
 def head_preset(loss_name):

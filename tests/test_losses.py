@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from mxnet import autograd, gluon
 
+from recognition.config import HEAD_ARGS
 from recognition.config import loss as loss_presets
-from recognition.losses import (HEAD_ARGS, HEAD_TYPES, ArcCircleHead, AttributeHead, CenterLoss, MarginHead,
+from recognition.losses import (HEAD_TYPES, ArcCircleHead, AttributeHead, CenterLoss, MarginHead,
                                 build_head, head_preset)
 from recognition.utils import UserError
 

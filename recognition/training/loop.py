@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 from .. import checkpoint
+from ..config import HEAD_ARGS
 from ..locking import folder_lock
-from ..losses import HEAD_ARGS
 from ..utils import UserError
 from . import kvstore as kvstore_setup
 from .monitor import Monitor, get_logger
