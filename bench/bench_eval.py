@@ -1,7 +1,9 @@
 """Benchmark: scoring, ensembling and evaluating 1M pairs over 35k images (vectorised vs the seed's
-per-pair Python loop), and feature-extraction images/s for r50 and MobileFaceNet (y1) on CPU.
+per-pair Python loop), the subject-level bootstrap of the report (1,000 replicates) on those pairs and on
+the demo's validation pairs, and feature-extraction images/s for r50 and MobileFaceNet (y1) on CPU.
 
-    OMP_NUM_THREADS=2 python bench/bench_eval.py [--pairs 1000000] [--images 35000] [--loop-pairs 20000]
+    OMP_NUM_THREADS=2 python bench/bench_eval.py [--pairs 1000000] [--images 35000] [--loop-pairs 20000] \
+        [--bootstrap 1000] [--val-dir datasets/demo_fairface/val]
 """
 import argparse
 import os
@@ -11,8 +13,10 @@ import time
 
 import numpy as np
 
+from recognition.evaluation.bootstrap import bootstrap
 from recognition.evaluation.ensemble import ensemble_scores, gap_cut, knn_rerank
-from recognition.evaluation.fairness import evaluate_pairs, make_pairs
+from recognition.evaluation.fairness import _read_metadata, evaluate_pairs, make_pairs
+from recognition.evaluation.pairs_csv import read_labels
 
 
 def rss_mb():
@@ -39,6 +43,7 @@ def synthetic(n_images, n_pairs, dim=512, seed=0):
     n_id = ident.max() + 1
     per_id = lambda k: rng.randint(0, k, n_id)[ident]
     meta = {'TEMPLATE_ID': np.arange(n_images).astype(str).astype(object),
+            'SUBJECT_ID': ident.astype(str).astype(object),
             'GENDER': per_id(2).astype(str).astype(object), 'SKIN_COLOUR': per_id(2).astype(str).astype(object),
             'AGE': rng.randint(18, 80, n_images).astype(str).astype(object),
             'GLASSES': rng.randint(0, 2, n_images).astype(str).astype(object),
@@ -61,8 +66,8 @@ def vectorised(feats, a, b, labels, meta):
     t['gap-cut'] = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = evaluate_pairs(make_pairs(s, labels, a, b, meta))
-    t['evaluate (AUC, bias a/b/c)'] = time.perf_counter() - t0
-    return t, result
+    t['evaluate (AUC, bias a/b/c/d)'] = time.perf_counter() - t0
+    return t, result, s
 
 
 def loop(feats, a, b, k=20):
@@ -113,6 +118,29 @@ def loop(feats, a, b, k=20):
     return time.perf_counter() - t0
 
 
+def timed_bootstrap(pairs, replicates, label):
+    """Seconds and peak RSS growth of evaluate_pairs + bootstrap on `pairs`."""
+    base = rss_mb()
+    t0 = time.perf_counter()
+    result = evaluate_pairs(pairs)
+    t1, c1 = time.perf_counter(), time.process_time()
+    intervals = bootstrap(pairs, result, replicates)
+    t2, c2 = time.perf_counter(), time.process_time()
+    lo, hi = intervals['values']['accuracy/auc']['interval']
+    print(f'bootstrap {label}: {len(pairs.scores)} pairs, {pairs.subjects[2]} identities, {replicates} replicates: '
+          f'{t2 - t1:.2f} s wall, {c2 - c1:.2f} s CPU (evaluation {t1 - t0:.2f} s), peak RSS {rss_mb():.0f} MB '
+          f'(+{rss_mb() - base:.0f} MB); AUC {result["accuracy"]["auc"]:.4f} [{lo:.4f}, {hi:.4f}]; '
+          'load average %.2f %.2f %.2f' % os.getloadavg())
+
+
+def demo_val_pairs(val_dir, seed=0):
+    """The demo's validation pairs with scores drawn from the labels (no model needed)."""
+    g1, g2, labels = read_labels(os.path.join(val_dir, 'ground_truth.csv'))
+    meta, index = _read_metadata(os.path.join(val_dir, 'metadata.csv'))
+    scores = np.where(labels, 0.6, 0.2) + 0.2 * np.random.RandomState(seed).randn(len(labels))
+    return make_pairs(scores, labels, np.array([index[t] for t in g1]), np.array([index[t] for t in g2]), meta)
+
+
 def extraction_speed(name, n=32, batch=16):
     """images/s of the shared loader (flip TTA: two forwards per image) on a `get_model` network."""
     import mxnet as mx
@@ -137,11 +165,21 @@ def main():
     p.add_argument('--images', type=int, default=35000)
     p.add_argument('--loop-pairs', type=int, default=20000)
     p.add_argument('--networks', default='r50,y1')
+    p.add_argument('--bootstrap', type=int, default=1000, help='replicates of the bootstrap timings (0: skip)')
+    p.add_argument('--val-dir', default='datasets/demo_fairface/val', help='demo validation pairs to time')
+    p.add_argument('--only-bootstrap', action='store_true', help='time the bootstrap only')
     args = p.parse_args()
     print('load average before: %.2f %.2f %.2f' % os.getloadavg())
+    if args.bootstrap and os.path.isfile(os.path.join(args.val_dir, 'ground_truth.csv')):
+        timed_bootstrap(demo_val_pairs(args.val_dir), args.bootstrap, f'demo val ({args.val_dir})')
     feats, a, b, labels, meta = synthetic(args.images, args.pairs)
+    if args.only_bootstrap:
+        rng = np.random.RandomState(2)
+        s = np.where(labels, 0.5, 0.1) + 0.2 * rng.randn(len(labels))
+        timed_bootstrap(make_pairs(s, labels, a, b, meta), args.bootstrap, 'synthetic')
+        return
     base = rss_mb()
-    times, result = vectorised(feats, a, b, labels, meta)
+    times, result, scores = vectorised(feats, a, b, labels, meta)
     extra = rss_mb() - base
     total = sum(times.values())
     for k, v in times.items():
@@ -152,9 +190,12 @@ def main():
     feats_s, a_s, b_s, _, _ = synthetic(max(int(args.images * ratio), 56), args.loop_pairs, seed=1)
     t_loop = loop(feats_s, a_s, b_s)
     loop_ensemble = t_loop * args.pairs / args.loop_pairs
-    vec_ensemble = total - times['evaluate (AUC, bias a/b/c)']
+    vec_ensemble = total - times['evaluate (AUC, bias a/b/c/d)']
     print(f'per-pair loop: {t_loop:.2f} s on {args.loop_pairs} pairs -> {loop_ensemble:.0f} s for {args.pairs} '
           f'(score+ensemble), vectorised {vec_ensemble:.2f} s: {loop_ensemble / vec_ensemble:.0f}x')
+    if args.bootstrap:
+        del feats
+        timed_bootstrap(make_pairs(scores, labels, a, b, meta), args.bootstrap, 'synthetic')
     print('load average after: %.2f %.2f %.2f' % os.getloadavg())
     for name in [n for n in args.networks.split(',') if n]:
         print(f'feature extraction {name}: {extraction_speed(name):.1f} images/s (flip TTA, batch 16)')

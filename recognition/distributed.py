@@ -1,15 +1,28 @@
-"""Launcher for MXNet's parameter-server kvstore (`dist_sync`, `dist_device_sync`, `dist_async`).
+"""Launcher for MXNet's parameter-server kvstore (`dist_sync`, `dist_device_sync`, `dist_async`), and how the
+processes of such a job stop together.
 
 Starts one scheduler, S servers and W workers with the DMLC environment ps-lite reads, either all on this
 machine (`local`) or across machines over ssh (`ssh`, hosts from a hostfile). Every output line is prefixed
 with the process's role and launch index (`worker 1`: the second worker started; the kvstore assigns the
 ranks itself, and rank 0 says so in its log); if any process fails, the others are stopped and the launch
 fails, naming the process. Over ssh each host runs the command in the same folder with that folder's
-`.venv` first on PATH, under a remote terminal (`ssh -tt`), so that stopping the local ssh also ends
-the remote process. Scheduler and servers run `import mxnet`, which serves the kvstore and returns when the
-workers finish (that is how MXNet's own tools/launch.py starts them too).
+`.venv` first on PATH, under a remote terminal (`ssh -tt`), so that stopping the local ssh hangs up the
+remote terminal and the remote process gets SIGHUP. Scheduler and servers run `serve()`, whose `import
+mxnet` serves the kvstore and returns when the workers finish (as MXNet's own tools/launch.py starts them).
+
+Stopping (SIGINT, SIGTERM or SIGHUP to any process of the job, the launcher included): a process that gets
+one prints `STOP_LINE` at once (`StopSignals`); the launcher, reading every line, forwards the signal to
+the other workers (to all of them when it got the signal itself; over ssh it stops the local ssh, and the
+remote worker gets SIGHUP). In `dist_sync` the workers must stop after the same step, or one waits forever
+for the others' gradients: after every step they add the signals they got through a kvstore key
+(`StopVote`), so all of them read the same answer after the same step; the chief then writes the resume
+snapshot and every worker exits. Servers keep serving until the workers are done. Children run in their
+own process groups, get SIGTERM when the launcher dies however it dies (PR_SET_PDEATHSIG), so they stop as
+above, and exit at most `STOP_GRACE` s after a stop signal even if the job is stuck.
 """
+import ctypes
 import os
+import re
 import shlex
 import signal
 import socket
@@ -20,9 +33,19 @@ import time
 
 from .utils import UserError
 
-SERVER_COMMAND = [sys.executable, '-c', 'import mxnet']
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SERVER_COMMAND = [sys.executable, '-c', 'from recognition.distributed import serve; serve()']
+REMOTE_SERVER_COMMAND = ['python', '-c', 'from recognition.distributed import serve; serve()']
 # How long scheduler and servers may take to exit after the last worker finished.
 SHUTDOWN_GRACE = 30.0
+# How long a process of the job may take to stop after a stop signal (one step, the snapshot, the exit)
+# before it exits anyway; the launcher waits a little longer before killing what is left.
+STOP_GRACE = 120.0
+# The line a process of the job prints the moment it gets a stop signal, for the launcher.
+STOP_LINE = 'fairface-dist: got {}, stopping the job'
+STOP_LINE_RE = re.compile(r'fairface-dist: got (SIG[A-Z]+), stopping the job')
+PR_SET_PDEATHSIG = 1
+_PRCTL = getattr(ctypes.CDLL(None), 'prctl', None)   # Linux only
 
 
 def free_port(host='127.0.0.1'):
@@ -45,22 +68,62 @@ def read_hostfile(path):
     return hosts
 
 
+def _die_with_parent(sig):
+    """preexec_fn: the kernel sends `sig` to this child when the launcher dies, however it dies."""
+    if _PRCTL is None:
+        return None
+    parent = os.getpid()   # the launcher, evaluated before the fork
+
+    def arm():
+        _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:   # the launcher died before the prctl
+            os.kill(os.getpid(), sig)
+    return arm
+
+
 class Process:
-    """One launched role: its name for log prefixes, its Popen and the thread copying its output."""
+    """One launched role: its name for log prefixes, its Popen, the thread copying its output and the stop
+    signal it announced (`STOP_LINE`), if any."""
 
     def __init__(self, name, argv, env):
         self.name = name
+        self.is_worker = name.startswith('worker')
+        self.over_ssh = argv[0] == 'ssh'
+        self.announced = None
+        self.forwarded = False
+        # Own process group (a signal to the launcher's group does not reach it; stop() ends it whole);
+        # workers get SIGTERM when the launcher vanishes, so they stop cleanly, servers keep serving them.
         self.popen = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+                                      stdin=subprocess.DEVNULL, start_new_session=True,
+                                      preexec_fn=_die_with_parent(signal.SIGTERM))
         self.pump = threading.Thread(target=self._copy_output, daemon=True)
         self.pump.start()
 
     def _copy_output(self):
         for raw in iter(self.popen.stdout.readline, b''):
-            line = raw.decode('utf-8', 'replace').rstrip('\n')
+            line = raw.decode('utf-8', 'replace').rstrip('\r\n')
+            found = STOP_LINE_RE.search(line)
+            if found and self.announced is None:
+                self.announced = signal.Signals[found.group(1)]
             sys.stdout.write(f'[{self.name}] {line}\n')
             sys.stdout.flush()
         self.popen.stdout.close()
+
+    def send(self, sig):
+        """Signal the process itself (a worker, or the ssh that runs it), not its children: a worker's
+        data-loader processes must live until it stops."""
+        self.forwarded = True
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stopped_cleanly(self, code):
+        """Whether exit status `code` of a worker is part of a clean stop: 128 + a stop signal (train.py),
+        death by the signal it was sent (a command that does not catch it), or any status of an ssh that
+        was sent the signal (ssh exits 255 and the remote worker, hung up, stops on its SIGHUP)."""
+        return self.is_worker and (_stop_exit(code) or (self.forwarded and (self.over_ssh or -code in STOP_SIGNALS)))
 
     def stop(self, sig=signal.SIGTERM):
         """Signal the whole process group (ssh and the remote shell included)."""
@@ -69,6 +132,86 @@ class Process:
                 os.killpg(self.popen.pid, sig)
             except ProcessLookupError:
                 pass
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP go to `handler`. With `announce` (a process of a dist job) a watcher thread
+    reacts at once even when the main thread is blocked inside MXNet, where Python runs no handler (the
+    C-level handler writes the signal number to a wakeup fd): it prints `STOP_LINE` for the launcher and
+    exits the process `STOP_GRACE` s after the first signal if it has not ended by then (a job that cannot
+    stop, e.g. a peer died, must still leave no process behind)."""
+
+    def __init__(self, handler, announce=True, grace=STOP_GRACE):
+        self.old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+        self.wakeup = None
+        if announce:
+            read_end, self.wakeup = os.pipe()
+            os.set_blocking(self.wakeup, False)
+            signal.set_wakeup_fd(self.wakeup)
+            threading.Thread(target=self._watch, args=(read_end, grace), daemon=True).start()
+
+    @staticmethod
+    def _watch(read_end, grace):
+        sig = signal.Signals(os.read(read_end, 1)[0])
+        try:
+            sys.stdout.write(STOP_LINE.format(sig.name) + '\n')
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass     # nobody reads any more (ssh gone)
+        time.sleep(grace)
+        try:
+            sys.stderr.write(f'{sig.name}: not stopped within {grace:.0f} s, exiting\n')
+        except (OSError, ValueError):
+            pass
+        os._exit(128 + sig)
+
+    def restore(self):
+        """Back to the previous handlers. A process of a dist job keeps ignoring stop signals instead, and
+        the watcher its deadline: it is about to exit, and a signal the launcher forwards after the workers
+        already agreed to stop must not kill it on the way out."""
+        for s, h in self.old.items():
+            signal.signal(s, h if self.wakeup is None else _ignore)
+
+
+class StopVote:
+    """dist_sync / dist_device_sync: after every step each worker writes the stop signal it got (0 for none)
+    into its rank's slot of a small kvstore key and pushpulls it; the servers sum the pushes of a round, so
+    every worker reads the same signals after the same step and they all stop after it. A worker one
+    pushpull ahead just waits for the others, as for a gradient. Not for dist_async, whose servers run the
+    optimizer on every key."""
+
+    # Above any Trainer's parameter index; MXNet picks a key's server as (key * 9973) % servers in int32.
+    KEY = 100000
+
+    def __init__(self, kvstore, rank, num_workers):
+        import mxnet as mx   # here, not at the top: the launcher itself never needs MXNet
+        self.nd = mx.nd
+        self.kvstore = kvstore
+        self.rank = rank
+        self.num_workers = num_workers
+        self.total = mx.nd.zeros((num_workers,))
+        kvstore.init(self.KEY, mx.nd.zeros((num_workers,)))   # collective: all workers at the same point
+        mx.nd.waitall()
+
+    def __call__(self, signum):
+        """{rank: signal} of every worker that got a stop signal, identical on every worker."""
+        mine = [0] * self.num_workers
+        mine[self.rank] = int(signum or 0)
+        # A new array each time: the dist kvstore writes the round's sum into the pushed array too.
+        self.kvstore.pushpull(self.KEY, self.nd.array(mine), out=self.total)
+        return {rank: signal.Signals(int(s)) for rank, s in enumerate(self.total.asnumpy()) if s}
+
+
+def _ignore(signum, frame):
+    """A Python-level handler that does nothing: the C-level one still wakes the watcher."""
+
+
+def serve():
+    """Scheduler or server of a launched job. `import mxnet` serves until the workers finish (MXNet then
+    exits). A stop signal is announced to the launcher, which stops the workers, and serving goes on so they
+    can finish their step and exit together (at most `STOP_GRACE` s)."""
+    StopSignals(_ignore)
+    import mxnet  # noqa: F401  (the import is the server; it returns when the workers have finished)
 
 
 def dmlc_env(role, root_uri, root_port, num_workers, num_servers, node_host=None, index=0):
@@ -122,7 +265,7 @@ def plan(command, num_workers, num_servers, launcher='local', hosts=None, forwar
         host = hosts[n % len(hosts)] if role != 'scheduler' else uri
         env = dict(forwarded)
         env.update(dmlc_env(role, uri, port, num_workers, num_servers, node_host=host, index=index))
-        remote = command if role == 'worker' else ['python', '-c', 'import mxnet']
+        remote = command if role == 'worker' else REMOTE_SERVER_COMMAND
         exports = ' '.join(f'{k}={shlex.quote(v)}' for k, v in env.items())
         folder = shlex.quote(workdir)
         script = f'cd {folder} && PATH={folder}/.venv/bin:"$PATH" env {exports} {shlex.join(remote)}'
@@ -131,38 +274,70 @@ def plan(command, num_workers, num_servers, launcher='local', hosts=None, forwar
     return out
 
 
+class JobStopped(UserError):
+    """A stop signal ended the job cleanly; `status` is 128 + the signal, like a process it killed."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.status = 128 + int(signum)
+
+
+def _stop_exit(code):
+    """Whether a worker's exit status is a clean stop on a signal (train.py exits 128 + the signal)."""
+    return code is not None and code - 128 in STOP_SIGNALS
+
+
 def launch(command, num_workers, num_servers=1, launcher='local', hostfile=None, forward_env=(),
            port=None, timeout=None):
-    """Run the job; return 0 when every worker succeeded, else stop everyone and raise UserError."""
+    """Run the job; return 0 when every worker succeeded, else stop everyone and raise UserError
+    (JobStopped when a stop signal to any process, the launcher included, stopped the job)."""
     hosts = read_hostfile(hostfile) if hostfile else None
+    jobs = plan(command, num_workers, num_servers, launcher, hosts, forward_env, port)
+    caught = []
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in STOP_SIGNALS}
     procs = []
     try:
-        for name, argv, env in plan(command, num_workers, num_servers, launcher, hosts, forward_env, port):
+        for name, argv, env in jobs:
             procs.append(Process(name, argv, env))
-        workers = [p for p in procs if p.name.startswith('worker')]
+        workers = [p for p in procs if p.is_worker]
         started = time.time()
-        failed = None
-        while failed is None:
+        stop = None   # (who got the signal, the signal) once the job is stopping
+        while True:
+            if stop is None:
+                stop = _stop_request(caught, procs)
+                if stop is not None:
+                    stop_deadline = time.time() + STOP_GRACE + 10
+                    for w in workers:
+                        if w.name != stop[0]:
+                            w.send(stop[1])
+            elif len(caught) > 1:
+                raise JobStopped(f'the launcher got {signal.Signals(caught[-1]).name} again while stopping; '
+                                 f'killed every process', caught[-1])
             for p in procs:
                 code = p.popen.poll()
-                if code not in (None, 0):
-                    failed = (p, code)
-                    break
-            if failed is None and all(w.popen.poll() == 0 for w in workers):
+                if code not in (None, 0) and not (stop is not None and p.stopped_cleanly(code)):
+                    how = f'signal {-code}' if code < 0 else f'exit status {code}'
+                    during = f' while stopping ({stop[0]} got {stop[1].name})' if stop else ''
+                    raise UserError(f'{p.name} failed with {how}{during}; stopped the other processes')
+            if all(w.popen.poll() is not None for w in workers):
                 break
+            if stop is not None and time.time() > stop_deadline:
+                raise UserError(f'{stop[0]} got {stop[1].name}, but the job did not stop within '
+                                f'{STOP_GRACE:.0f} s; killed every process')
             if timeout is not None and time.time() - started > timeout:
                 raise UserError(f'dist job did not finish within {timeout:.0f} s; stopped every process')
             time.sleep(0.1)
-        if failed is not None:
-            p, code = failed
-            how = f'signal {-code}' if code < 0 else f'exit status {code}'
-            raise UserError(f'{p.name} failed with {how}; stopped the other processes')
         deadline = time.time() + SHUTDOWN_GRACE
         for p in procs:
             try:
                 p.popen.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 raise UserError(f'{p.name} did not exit after the workers finished; stopped it')
+        if stop is not None and any(w.popen.returncode for w in workers):
+            raise JobStopped(f'{stop[0]} got {stop[1].name}: stopped the job, every process exited; '
+                             f'continue with --resume', stop[1])
         return 0
     finally:
         for p in procs:
@@ -174,3 +349,20 @@ def launch(command, num_workers, num_servers=1, launcher='local', hostfile=None,
                 p.stop(signal.SIGKILL)
                 p.popen.wait()
             p.pump.join(timeout=5)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _stop_request(caught, procs):
+    """(who, signal) when the launcher got a stop signal, or a process announced one, or a worker exited
+    on one without announcing it (a worker command other than train.py); else None."""
+    if caught:
+        return 'the launcher', signal.Signals(caught[0])
+    for p in procs:
+        if p.announced is not None:
+            return p.name, p.announced
+    for p in procs:
+        code = p.popen.poll()
+        if p.is_worker and _stop_exit(code):
+            return p.name, signal.Signals(code - 128)
+    return None

@@ -7,16 +7,20 @@ over this module:
 - `select_identities` resolves `--selected-attributes` (a group name, `attr=value` pairs, the seed's
   4-way index, or `auto[:file]`, the choice of `train/select_protected_group.py`) to identity ids of a rec.
 - `evaluate_checkpoint` scores a checkpoint on FairFace-style validation pairs and measures bias;
-  `choose_group` turns that into the step-3 choice; `append_chain_row` keeps every step's numbers.
+  `choose_group` turns that into the step-3 choice; `append_chain_row` keeps every step's numbers and
+  scores, and its changes against the previous step and the pretrained model with paired intervals.
 - `mine_hard_samples` runs a checkpoint's fc7 classifier over a training rec, keeps the identities with
   a misclassified image and writes them (raw bytes and attributes) as a new rec, .lst and report.
 """
+import hashlib
 import json
 import os
 
 import numpy as np
 
-from .evaluation.fairness import GROUP_CODES, evaluate_predictions, group_badness, worst_group
+from .evaluation.bootstrap import REPLICATES, compare
+from .evaluation.fairness import (GROUP_CODES, evaluate_pairs, evaluate_predictions, group_badness, load_pairs,
+                                  worst_group)
 from .utils import UserError, atomic_open, read_json, write_json
 
 # The protected attributes of the rec labels (architecture: GENDER 0 female / 1 male, SKIN_COLOUR 0 light /
@@ -234,10 +238,105 @@ def chain_markdown(rows):
     return '\n'.join(lines) + '\n'
 
 
-def append_chain_row(table, step, model, result, **extra):
+# The chain table's columns that get a paired change with its interval: (label, bootstrap path).
+CHANGE_MEASURES = (('AUC', 'accuracy/auc'), ('TAR@FAR1e-3', 'accuracy/tar_at_far/1e-03'),
+                   *[(f'AUC {g}', f'group_auc/gender_skin/{g}') for g in TABLE_GROUPS],
+                   ('group AUC gap', 'group_auc_gap/gender_skin'),
+                   ('FMR@EER dark_female', 'bias/gender_skin/error_rates/eer/fmr/dark_female'),
+                   ('FMR ratio@EER', 'bias/gender_skin/error_rates/eer/fmr_ratio'),
+                   ('FNMR ratio@EER', 'bias/gender_skin/error_rates/eer/fnmr_ratio'),
+                   ('rank bias +', 'bias/gender_skin/positive/rank/spread'),
+                   ('rank bias -', 'bias/gender_skin/negative/rank/spread'))
+
+
+def _sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _keep_scores(table, step, predictions):
+    """Copy a step's validation predictions beside the table (`<table>_scores/<step>.csv`), atomically."""
+    if not step or os.sep in step or step.startswith('.'):
+        raise UserError(f'--step {step!r}: a chain step name is a plain file name')
+    path = os.path.join(table + '_scores', step + '.csv')
+    with open(predictions, 'rb') as src, atomic_open(path, 'wb') as dst:
+        dst.write(src.read())
+    return path
+
+
+def _change(ref, row, replicates, seed, loaded):
+    """The paired changes of `row` against the row `ref`: {label: {difference, interval, excludes_0}}."""
+    def pairs_of(r):
+        if r['step'] not in loaded:
+            base = os.path.dirname(r['_table'])
+            pairs = load_pairs(os.path.join(base, r['scores']), r['ground_truth'], r['metadata'])
+            loaded[r['step']] = (pairs, evaluate_pairs(pairs))
+        return loaded[r['step']]
+    (pa, ra), (pb, rb) = pairs_of(ref), pairs_of(row)
+    values = compare(pa, ra, pb, rb, replicates, seed, names=(ref['step'], row['step']))['values']
+    return {label: {k: values[path][k] for k in ('difference', 'interval', 'interval_na', 'excludes_0')}
+            for label, path in CHANGE_MEASURES}
+
+
+def update_changes(table, rows, replicates=REPLICATES, seed=0):
+    """Give every row with kept scores its change against the previous row and against the pretrained
+    row (the row `pretrained`, else the first), recomputed only when either score file changed."""
+    kept = [r for r in rows if r.get('scores')]
+    if not kept:
+        return
+    reference = next((r for r in kept if r['step'] == 'pretrained'), kept[0])
+    loaded = {}
+    for r in kept:
+        r['_table'] = table
+    for i, row in enumerate(kept):
+        changes = row.setdefault('changes', {})
+        previous = kept[i - 1] if i else None
+        for kind, ref in (('previous', previous), ('pretrained', reference)):
+            if ref is None or ref is row or (kind == 'pretrained' and ref is previous):  # no row twice
+                changes.pop(kind, None)
+                continue
+            stamp = [ref['step'], ref['scores_sha256'], row['scores_sha256'], replicates, seed]
+            if changes.get(kind, {}).get('stamp') != stamp:
+                changes[kind] = {'against': ref['step'], 'stamp': stamp,
+                                 'values': _change(ref, row, replicates, seed, loaded)}
+    for r in kept:
+        del r['_table']
+
+
+def changes_markdown(rows):
+    """Each step's change against the previous step and the pretrained model, with 95% paired bootstrap
+    intervals; `*` marks a change whose interval excludes 0."""
+    head = ['step', 'against'] + [label for label, _ in CHANGE_MEASURES]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in rows:
+        for kind in ('previous', 'pretrained'):
+            c = r.get('changes', {}).get(kind)
+            if not c:
+                continue
+            cells = [r['step'], f'{c["against"]} ({kind})']
+            for label, _ in CHANGE_MEASURES:
+                v = c['values'][label]
+                if v['difference'] is None:
+                    cells.append('n/a')
+                elif v['interval'] is None:
+                    cells.append(f'{v["difference"]:+.4f} [n/a]')
+                else:
+                    lo, hi = v['interval']
+                    cells.append(f'{v["difference"]:+.4f} [{lo:+.4f}, {hi:+.4f}]' + ('*' if v['excludes_0'] else ''))
+            lines.append('| ' + ' | '.join(cells) + ' |')
+    if len(lines) == 2:
+        return ''
+    return ('\nChanges with 95% paired subject-level bootstrap intervals (both steps under the same resamples; '
+            '* = the interval excludes 0):\n\n' + '\n'.join(lines) + '\n')
+
+
+def append_chain_row(table, step, model, result, predictions=None, val_dir=None, replicates=REPLICATES, seed=0,
+                     **extra):
     """Record `step`'s numbers in `table.json` and rewrite `table.md`; a re-run step replaces its row.
 
-    Rows keep the order in which steps first ran. Returns the markdown table.
+    With `predictions` (the step's validation predictions) and `val_dir`, the scores are kept beside the
+    table and the table also shows each step's paired change against the previous step and the pretrained
+    model. Rows keep the order in which steps first ran. Returns the markdown table.
     """
     path = table + '.json'
     rows = []
@@ -248,16 +347,24 @@ def append_chain_row(table, step, model, result, **extra):
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f'{path}: not a chain table ({e})') from None
     row = {'step': step, 'model': model, 'summary': summarise(result), **extra}
+    if predictions:
+        kept = _keep_scores(table, step, predictions)
+        row.update({'scores': os.path.relpath(kept, os.path.dirname(os.path.abspath(table))),
+                    'scores_sha256': _sha256(kept),
+                    'ground_truth': os.path.abspath(os.path.join(val_dir, 'ground_truth.csv')),
+                    'metadata': os.path.abspath(os.path.join(val_dir, 'metadata.csv'))})
     at = next((i for i, r in enumerate(rows) if r['step'] == step), None)
     if at is None:
         rows.append(row)
     else:
         rows[at] = row
-    markdown = chain_markdown(rows)
+    update_changes(os.path.abspath(table), rows, replicates, seed)
+    markdown = chain_markdown(rows) + changes_markdown(rows)
     write_json(path, {'rows': rows})
     with atomic_open(table + '.md') as f:
         f.write(markdown)
     return markdown
+
 
 
 # --- hard samples --------------------------------------------------------------------------------------

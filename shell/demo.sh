@@ -5,6 +5,8 @@
 set -eo pipefail
 . "$(dirname "$0")/env.sh"
 start=$(date +%s)
+echo "[demo] existing datasets/demo_* are kept (delete them or run make_demo_data.py --force to rebuild);" \
+  "every model, chain-table row and result is redone (SEED=${SEED:-0})"
 python data_process/make_demo_data.py --out datasets --seed "${DATA_SEED:-0}"
 python data_process/show_record.py --rec datasets/demo_fairface/train.rec --out results/train_records.png --n 64 --shuffle
 ./shell/train.sh

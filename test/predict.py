@@ -10,9 +10,9 @@ import os
 import sys
 
 from recognition.align import REPORT_NAME, align_folder
-from recognition.evaluation.ensemble import FUSIONS, predict, read_pairs_csv
-from recognition.inference import find_model_dirs, load_model_dir, template_images
-from recognition.utils import UserError, parse_contexts, run_cli
+from recognition.evaluation.ensemble import FUSIONS, predict, provenance_path, read_pairs_csv
+from recognition.inference import find_model_dirs, load_model_dir, model_dir_spec, template_images
+from recognition.utils import UserError, parse_contexts, run_cli, write_json
 
 
 def parse_args(argv=None):
@@ -78,6 +78,22 @@ def check_template(args, images, failed, report):
     return unaligned
 
 
+def provenance(args, model_dirs, switch_model, summary):
+    """What made the predictions, for the report: models, fusion, post-processing, the raw fused scores."""
+    post = ([f'k-NN re-ranking (k={args.rerank_k})'] if args.rerank else []) + (['gap-cut'] if args.gap_cut else [])
+    if args.fusion == 'switch':
+        post.append(f'switch to {switch_model} above {args.switch_threshold:g}' + (' (max)' if args.switch_max else ''))
+    models = []
+    for d in model_dirs:
+        spec = model_dir_spec(d)
+        models.append({'name': spec['name'], 'folder': os.path.abspath(d), 'checkpoint': f'{spec["prefix"]},{spec["epoch"]}',
+                       'layer': spec['layer']})
+    return {'predictions': os.path.basename(args.out), 'template': os.path.abspath(args.template), 'models': models,
+            'fusion': args.fusion, 'post_processing': post,
+            'raw_scores': os.path.basename(summary['raw']) if summary['raw'] else None,
+            'missing_score': args.missing_score, 'missing_pairs': summary['missing_pairs']}
+
+
 def main(argv=None):
     args = parse_args(argv)
     model_dirs = find_model_dirs(args.models)
@@ -103,6 +119,7 @@ def main(argv=None):
         why = f' ({len(unaligned)} failed alignment, see {report})' if unaligned else ''
         print(f'warning: {len(summary["missing"])} template ids without an aligned image{why}; '
               f'{summary["missing_pairs"]} pairs scored {args.missing_score}', file=sys.stderr)
+    write_json(provenance_path(args.out), provenance(args, model_dirs, switch_model, summary))
     print(f'wrote {args.out}: {summary["pairs"]} pairs over {summary["images"]} images', flush=True)
 
 

@@ -31,6 +31,22 @@ WORKER = textwrap.dedent('''
 ''')
 
 
+VOTER = textwrap.dedent('''
+    import os, signal, sys, time
+    import mxnet as mx
+    from recognition.distributed import StopVote
+    kv = mx.kv.create('dist_sync')
+    vote = StopVote(kv, kv.rank, kv.num_workers)
+    seen = []
+    for step in range(5):
+        if kv.rank == 1:
+            time.sleep(0.3)   # rank 0 runs ahead and waits in its pushpull
+        got = vote(signal.SIGTERM if kv.rank == 1 and step >= 2 else None)
+        seen.append(','.join('%d:%s' % (r, s.name) for r, s in sorted(got.items())) or '-')
+    print('votes', kv.rank, ' '.join(seen))
+''')
+
+
 def _job_processes(port):
     """PIDs of live processes launched for the job on `port` (found by their DMLC environment)."""
     marker = f'DMLC_PS_ROOT_PORT={port}'.encode()
@@ -87,13 +103,23 @@ def test_killed_worker_stops_everything(tmp_path, worker_script, monkeypatch):
     assert _port_free(port)
 
 
+def test_stop_vote_gives_every_worker_the_same_answer_after_the_same_step(tmp_path, capfd):
+    script = tmp_path / 'voter.py'
+    script.write_text(VOTER)
+    port = free_port()
+    assert launch([sys.executable, str(script)], 2, 1, port=port, timeout=120) == 0
+    votes = sorted(line.split('votes ')[1] for line in capfd.readouterr().out.splitlines() if 'votes' in line)
+    assert votes == ['0 - - 1:SIGTERM 1:SIGTERM 1:SIGTERM', '1 - - 1:SIGTERM 1:SIGTERM 1:SIGTERM']
+    assert _job_processes(port) == [] and _port_free(port)
+
+
 def test_plan_environment_and_ssh_commands(tmp_path):
     local = plan(['python', 'train.py'], 2, 1, port=9999)
     assert [name for name, _, _ in local] == ['scheduler', 'server 0', 'worker 0', 'worker 1']
     env = local[2][2]
     assert (env['DMLC_ROLE'], env['DMLC_PS_ROOT_URI'], env['DMLC_PS_ROOT_PORT']) == ('worker', '127.0.0.1', '9999')
     assert (env['DMLC_NUM_WORKER'], env['DMLC_NUM_SERVER']) == ('2', '1')
-    assert local[2][1] == ['python', 'train.py'] and local[0][1][-1] == 'import mxnet'
+    assert local[2][1] == ['python', 'train.py'] and local[0][1][-1].endswith('serve()')
 
     hostfile = tmp_path / 'hosts'
     hostfile.write_text('# cluster\nnode-a\nnode-b slots=8\n\n')

@@ -168,3 +168,14 @@ def test_shared_sort_matches_sklearn_scipy_and_lstsq():
         cols.append(counts[:, np.nonzero(counts.sum(0))[0][1:]])
     coef = np.linalg.lstsq(np.hstack(cols), ranks[inside], rcond=None)[0]
     np.testing.assert_allclose(effects, coef[:4], atol=1e-9)
+
+
+def test_eer_is_searched_over_every_operating_point():
+    from sklearn.metrics import roc_curve
+    rng = np.random.RandomState(7)
+    labels = rng.rand(3000) < 0.3
+    scores = np.round(np.where(labels, 0.6, 0.3) + 0.2 * rng.randn(3000), 3)
+    fpr, tpr, thr = roc_curve(labels, scores, drop_intermediate=False)
+    i = int(np.argmin(np.abs(1 - tpr - fpr)))
+    e, t = eer(scores, labels)
+    assert e == pytest.approx((fpr[i] + 1 - tpr[i]) / 2) and t == thr[i]

@@ -64,6 +64,17 @@ def test_predictions_format_order_and_mean_fusion(setup):
     want = (expected_scores(str(root / 'final_eval_models' / 'a_model'), root, pairs)
             + expected_scores(str(root / 'final_eval_models' / 'b_model'), root, pairs)) / 2
     np.testing.assert_allclose(got, want, atol=2e-6)
+    record = json.loads((root / 'out.json').read_text())
+    assert [m['name'] for m in record['models']] == ['a_model', 'b_model'] and record['fusion'] == 'mean'
+    assert record['post_processing'] == [] and record['raw_scores'] is None and not (root / 'out.raw.csv').exists()
+    # With post-processing the fused scores before it are kept beside the predictions.
+    cut = root / 'cut.csv'
+    cli.main(['--images', str(root / 'aligned'), '--already-aligned', '--template', str(root / 'predictions.csv'),
+              '--models', str(root / 'final_eval_models'), '--out', str(cut), '--rerank', '--rerank-k', '2'])
+    record = json.loads((root / 'cut.json').read_text())
+    assert record['post_processing'] == ['k-NN re-ranking (k=2)'] and record['raw_scores'] == 'cut.raw.csv'
+    raw = [float(line.split(',')[2]) for line in (root / 'cut.raw.csv').read_text().splitlines()[1:]]
+    np.testing.assert_allclose(raw, want, atol=2e-6)
     with pytest.raises(UserError, match='one embedding size'):
         cli.main(['--images', str(root / 'aligned'), '--already-aligned', '--template',
                   str(root / 'predictions.csv'), '--models', str(root / 'final_eval_models'),
@@ -119,6 +130,31 @@ def test_predict_aligns_photos_from_landmarks_and_detection(setup, tmp_path):
     cli.main(['--images', str(photos), '--landmarks', str(tmp_path / 'landmarks.txt'), '--template',
               str(tmp_path / 'template.csv'), '--models', model, '--out', str(out)])
     assert out.read_text() == first
+
+
+def test_report_names_its_models_and_shows_the_raw_fused_scores(tmp_path):
+    """evaluate.py reads predict.py's record: the report says what made the scores and shows the raw fused
+    scores' accuracy beside the post-processed ones, with the paired change."""
+    from test_bootstrap import evaluate_cli, write_case
+    rows = write_case(tmp_path)
+    (tmp_path / 'pred.raw.csv').write_text((tmp_path / 'pred.csv').read_text())
+    worse = [f'{a},{b},{float(s) * 0.5 + (0.5 if i % 3 == 0 else 0):.6f}'
+             for i, (a, b, s) in enumerate(r.split(',') for r in rows)]
+    (tmp_path / 'pred.csv').write_text('TEMPLATE_ID1,TEMPLATE_ID2,SCORE\n' + '\n'.join(worse) + '\n')
+    (tmp_path / 'pred.json').write_text(json.dumps({
+        'models': [{'name': 'm1', 'checkpoint': 'final_eval_models/m1/model,1', 'layer': 'fc1_output'}],
+        'fusion': 'mean', 'post_processing': ['gap-cut'], 'raw_scores': 'pred.raw.csv', 'missing_pairs': 0}))
+    proc = evaluate_cli(tmp_path, '--bootstrap', '50')
+    assert proc.returncode == 0, proc.stderr
+    assert 'model m1: final_eval_models/m1/model,1' in proc.stdout and 'post-processing: gap-cut' in proc.stdout
+    report = (tmp_path / 'out' / 'report.md').read_text()
+    assert '## Produced by' in report and '## Before and after post-processing' in report
+    before = json.loads((tmp_path / 'out' / 'report.json').read_text())['before_post_processing']
+    change = before['comparison']['values']['accuracy/auc']
+    assert change['first'] == before['accuracy']['auc'] and change['difference'] < 0 and change['excludes_0']
+    (tmp_path / 'pred.raw.csv').unlink()
+    proc = evaluate_cli(tmp_path, '--bootstrap', '0')
+    assert proc.returncode == 2 and 'pred.raw.csv, which are not beside it' in proc.stderr
 
 
 def test_missing_images(setup):

@@ -107,27 +107,36 @@ def test_dist_sync_matches_one_process_and_resumes(data_dir, tmp_path, monkeypat
     _assert_close(_launch_dist(script, data_dir, resumed, 8, 'resume', capfd), one)
 
 
-def test_cli_workers_exit_cleanly(tmp_path, monkeypatch):
-    """train/train.py under the launcher: the non-chief worker, which saves nothing, must still send its
-    last gradients before exiting, or the chief waits for them forever (MXNet drops queued work at exit).
-    Before the fix this set-up (the demo net at 112x112, 16 per worker, 8 steps) hung every time."""
+def write_train_rec(folder):
+    """16 synthetic identities x 8 aligned 112x112 faces as `folder/train.rec` (the demo net's input)."""
     import cv2
     from recognition.data import synthetic
     from recognition.data.record import IdentityRecordWriter
     rng = np.random.default_rng(0)
-    with IdentityRecordWriter(str(tmp_path / 'train')) as writer:
+    with IdentityRecordWriter(os.path.join(folder, 'train')) as writer:
         for i in range(16):
             ident = synthetic.sample_identity(rng, i % 2, (i // 2) % 2, i)
             writer.add_identity(i, [(cv2.imencode('.jpg', synthetic.render_aligned(
                 ident, synthetic.sample_variation(ident, rng))[0])[1].tobytes(), 1, None) for _ in range(8)])
+
+
+def train_command(data_dir, models_root, max_steps, *extra):
+    """train/train.py with dist_sync on the demo net, 16 images per worker, no verification."""
+    return [sys.executable, os.path.join(os.path.dirname(TESTS), 'train', 'train.py'), '--network', 'demo',
+            '--loss', 'nsoftmax', '--dataset', 'demo', '--data-dir', str(data_dir), '--val-targets', '',
+            '--models-root', str(models_root), '--max-steps', str(max_steps), '--per-batch-size', '16',
+            '--ctx', 'cpu:1', '--kvstore', 'dist_sync', '--ckpt', '0', '--num-workers', '0', '--verbose',
+            '100', *extra]
+
+
+def test_cli_workers_exit_cleanly(tmp_path, monkeypatch):
+    """train/train.py under the launcher: the non-chief worker, which saves nothing, must still send its
+    last gradients before exiting, or the chief waits for them forever (MXNet drops queued work at exit).
+    Before the fix this set-up (the demo net at 112x112, 16 per worker, 8 steps) hung every time."""
+    write_train_rec(str(tmp_path))
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    root = os.path.dirname(TESTS)
     port = free_port()
-    launch([sys.executable, os.path.join(root, 'train', 'train.py'), '--network', 'demo', '--loss', 'nsoftmax',
-            '--dataset', 'demo', '--data-dir', str(tmp_path), '--val-targets', '', '--models-root',
-            str(tmp_path / 'models'), '--max-steps', '8', '--per-batch-size', '16', '--ctx', 'cpu:1',
-            '--kvstore', 'dist_sync', '--ckpt', '0', '--num-workers', '0', '--verbose', '100'],
-           2, 1, port=port, timeout=120)
+    launch(train_command(tmp_path, tmp_path / 'models', 8), 2, 1, port=port, timeout=120)
     assert _job_processes(port) == [] and _port_free(port)
     assert os.path.isfile(tmp_path / 'models' / 'demo-nsoftmax-demo' / 'model-resume.json')
 

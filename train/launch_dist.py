@@ -2,10 +2,15 @@
 
     python train/launch_dist.py -n 2 -s 1 -- python train/train.py --kvstore dist_sync ...
     python train/launch_dist.py -n 4 -s 2 --launcher ssh --hostfile hosts -- python train/train.py ...
+
+SIGINT, SIGTERM or SIGHUP to the launcher or to any process of the job stops the whole job after the
+same step on every worker (the chief writes the resume snapshot); the launcher then exits with 128 + the
+signal, naming who got it. Any other failure exits with status 2, naming the process.
 """
 import argparse
+import sys
 
-from recognition.distributed import launch
+from recognition.distributed import JobStopped, launch
 from recognition.utils import run_cli
 
 
@@ -23,8 +28,12 @@ def main():
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ['--'] else args.command
     forward = [k for k in args.env.split(',') if k]
-    return launch(command, args.num_workers, args.num_servers, args.launcher, args.hostfile, forward,
-                  args.port, args.timeout)
+    try:
+        return launch(command, args.num_workers, args.num_servers, args.launcher, args.hostfile, forward,
+                      args.port, args.timeout)
+    except JobStopped as e:
+        print(f'error: {e}', file=sys.stderr)
+        return e.status
 
 
 if __name__ == '__main__':

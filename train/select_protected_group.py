@@ -42,8 +42,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.table and not args.step:
         raise UserError('--table needs --step (the row name)')
+    predictions = args.predictions
     if args.model:
         eval_dir = args.eval_dir or os.path.splitext(args.out)[0] + '_eval'
+        predictions = os.path.join(eval_dir, 'predictions.csv')
         result = evaluate_checkpoint(args.model, args.val_dir, eval_dir, aligned_dir=args.aligned_dir or None,
                                      ctx=parse_contexts(args.gpus, args.ctx), batch_size=args.batch_size)
         print(f'read {args.model} and {args.val_dir}; wrote {eval_dir}/predictions.csv, {eval_dir}/eval.json')
@@ -58,7 +60,8 @@ def main(argv=None):
         print(f'  {group:13s} ' + '  '.join(f'{k} {"n/a" if v is None else "%.4f" % v}' for k, v in n.items()))
     print(f'most discriminated group ({args.criterion}): {choice["group"]} {choice["codes"]}; wrote {args.out}')
     if args.table:
-        print(append_chain_row(args.table, args.step, choice['model'], result), end='')
+        print(append_chain_row(args.table, args.step, choice['model'], result, predictions=predictions,
+                               val_dir=args.val_dir), end='')
         print(f'wrote {args.table}.json, {args.table}.md')
 
 

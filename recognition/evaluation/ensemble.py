@@ -17,42 +17,15 @@ result_fusion.py), with the seed's quirks fixed:
   the post-processed score can *lower* a pair that re-ranking had put higher; `switch_max` takes the max
   of the two there instead.
 """
+import os
+
 import numpy as np
 from scipy import sparse
 
+from recognition.evaluation.pairs_csv import read_pairs_csv
 from recognition.utils import UserError, atomic_open
 
 FUSIONS = ('mean', 'concat', 'switch')
-
-
-def read_pairs_csv(path, value_column=None):
-    """(id1, id2, values or None, header) of a TEMPLATE_ID1,TEMPLATE_ID2[,...] CSV, ids as strings."""
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise UserError(f'{path}: cannot read ({e.strerror})') from None
-    if not lines:
-        raise UserError(f'{path}: empty file')
-    header = [h.strip() for h in lines[0].split(',')]
-    need = ['TEMPLATE_ID1', 'TEMPLATE_ID2'] + ([value_column] if value_column else [])
-    missing = [c for c in need if c not in header]
-    if missing:
-        raise UserError(f'{path}: header lacks {",".join(missing)} (got {lines[0]!r})')
-    rows = [line.split(',') for line in lines[1:] if line.strip()]
-    bad = next((n for n, r in enumerate(rows) if len(r) != len(header)), None)
-    if bad is not None:
-        raise UserError(f'{path}: row {bad + 2} has {len(rows[bad])} fields, the header has {len(header)}')
-    cols = list(zip(*rows)) if rows else [()] * len(header)
-    id1 = np.array([v.strip() for v in cols[header.index('TEMPLATE_ID1')]], dtype=object)
-    id2 = np.array([v.strip() for v in cols[header.index('TEMPLATE_ID2')]], dtype=object)
-    values = None
-    if value_column:
-        try:
-            values = np.array(cols[header.index(value_column)], dtype=np.float64)
-        except ValueError:
-            raise UserError(f'{path}: column {value_column} holds a value that is not a number') from None
-    return id1, id2, values, header
 
 
 def write_predictions(path, id1, id2, scores):
@@ -199,16 +172,12 @@ def switch_fusion(base, hard, threshold=0.99, keep_max=False):
     return np.where(hard > threshold, np.maximum(base, hard) if keep_max else hard, base)
 
 
-def ensemble_scores(features, names, i1, i2, fusion='mean', switch_model=None, switch_threshold=0.99,
-                    switch_max=False, rerank=False, k=20, gap=False, min_gap=0.1, step=0.1):
-    """Final pair scores from per-model features (rows indexed by i1/i2, all valid).
-
-    Order: fuse the models (mean of cosines, or cosine of concatenated features) -> k-NN re-ranking ->
-    gap-cut -> switch with the hard-sample model, which is left out of the fused base, as in the seed.
-    """
+def fused_scores(features, names, i1, i2, fusion='mean', switch_model=None):
+    """(fused, hard): the models' fused pair scores (mean of cosines, or cosine of concatenated features)
+    before any post-processing, and for `switch` the hard-sample model's own scores (it is left out of the
+    fused base, as in the seed), else None."""
     if fusion not in FUSIONS:
         raise UserError(f'--fusion {fusion!r}: expected one of {FUSIONS}')
-    n_images = features[0].shape[0]
     order = np.argsort(i1, kind='stable')  # shared by every model's scoring
     hard = None
     if fusion == 'switch':
@@ -221,9 +190,13 @@ def ensemble_scores(features, names, i1, i2, fusion='mean', switch_model=None, s
         features = [f for m, f in enumerate(features) if m != hard_at]
         names = [n for m, n in enumerate(names) if m != hard_at]
     if fusion == 'concat':
-        scores = cosine_scores(concat_features(features, names), i1, i2, order=order).astype(np.float64)
-    else:
-        scores = np.mean([cosine_scores(f, i1, i2, order=order) for f in features], axis=0, dtype=np.float64)
+        return cosine_scores(concat_features(features, names), i1, i2, order=order).astype(np.float64), hard
+    return np.mean([cosine_scores(f, i1, i2, order=order) for f in features], axis=0, dtype=np.float64), hard
+
+
+def post_process(scores, hard, i1, i2, n_images, switch_threshold=0.99, switch_max=False, rerank=False, k=20,
+                 gap=False, min_gap=0.1, step=0.1):
+    """The seed's order after fusion: k-NN re-ranking -> gap-cut -> switch with the hard-sample model."""
     if rerank:
         scores = knn_rerank(i1, i2, scores, n_images, k=k)
     if gap:
@@ -233,13 +206,22 @@ def ensemble_scores(features, names, i1, i2, fusion='mean', switch_model=None, s
     return scores
 
 
+def ensemble_scores(features, names, i1, i2, fusion='mean', switch_model=None, **post):
+    """Final pair scores from per-model features (rows indexed by i1/i2, all valid): `fused_scores`, then
+    `post_process`."""
+    fused, hard = fused_scores(features, names, i1, i2, fusion, switch_model)
+    return post_process(fused, hard, i1, i2, features[0].shape[0], **post)
+
+
 def predict(template_path, images, embedders, out_path, missing_score=None, batch_size=64, progress=False,
-            **ensemble_args):
+            fusion='mean', switch_model=None, **post):
     """Score every template pair with the models and write predictions in template order.
 
     `images` maps template id -> aligned crop path. Ids without an image are an error listing them, or,
     with `missing_score`, those pairs get that score (and are left out of re-ranking and gap-cut).
-    Returns a summary dict (pairs, images, missing ids).
+    When fusion or post-processing changed the models' fused scores, those raw fused scores are written too,
+    to `raw_scores_path(out_path)`, so the report can show what the post-processing did.
+    Returns a summary dict (pairs, images, missing ids, the raw file or None).
     """
     from recognition.inference import extract_features
     id1, id2, _, _ = read_pairs_csv(template_path)
@@ -253,8 +235,26 @@ def predict(template_path, images, embedders, out_path, missing_score=None, batc
         raise UserError(f'{template_path}: no template id has an image')
     features = extract_features(embedders, [images[t] for t in present], batch_size=batch_size, progress=progress)
     names = [e.name for e in embedders]
+    fused, hard = fused_scores(features, names, i1[valid], i2[valid], fusion, switch_model)
+    final = post_process(fused, hard, i1[valid], i2[valid], features[0].shape[0], **post)
     scores = np.full(len(id1), np.nan if missing_score is None else float(missing_score))
-    scores[valid] = ensemble_scores(features, names, i1[valid], i2[valid], **ensemble_args)
+    raw_path = None
+    if hard is not None or not np.array_equal(final, fused):
+        raw_path = raw_scores_path(out_path)
+        scores[valid] = fused
+        write_predictions(raw_path, id1, id2, scores)
+    scores[valid] = final
     write_predictions(out_path, id1, id2, scores)
     return {'pairs': len(id1), 'images': len(present), 'missing': missing,
-            'missing_pairs': int((~valid).sum())}
+            'missing_pairs': int((~valid).sum()), 'raw': raw_path}
+
+
+def raw_scores_path(predictions_path):
+    """`predictions.csv` -> `predictions.raw.csv`: the fused scores before post-processing."""
+    stem, ext = os.path.splitext(predictions_path)
+    return stem + '.raw' + (ext or '.csv')
+
+
+def provenance_path(predictions_path):
+    """`predictions.csv` -> `predictions.json`: which models, fusion and post-processing made the file."""
+    return os.path.splitext(predictions_path)[0] + '.json'

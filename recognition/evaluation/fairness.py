@@ -1,19 +1,24 @@
 """Accuracy and bias of verification scores with respect to gender and skin colour.
 
 All definitions live here and are documented in docs/metrics.md. The challenge's exact bias formula is
-not public to us; these are transparent stand-ins in its spirit (bias measured separately on positive
-and negative pairs, adjusted for legitimate attributes, plus NIST-style error-rate differentials).
+not public to us; (a)-(c) are transparent stand-ins in its spirit (bias measured separately on positive
+and negative pairs, adjusted for legitimate attributes, plus NIST-style error-rate differentials), and (d)
+is the organisers' per-cell AUC with our aggregation. Their intervals: `bootstrap.py`.
 
 Groups: for each protected attribute (gender; skin colour; their combination) a pair belongs to group g
 when *both* images are in g. Mixed pairs (e.g. a female-male impostor pair) count in the global accuracy
-but in no group of that attribute; their number is reported.
+but in no group of that attribute; their number is reported. (d)'s cells also need both images to share
+every legitimate value.
 """
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-from recognition.evaluation.ensemble import read_pairs_csv
+from recognition.evaluation.pairs_csv import read_labels, read_scores
 from recognition.utils import UserError
+
+log = logging.getLogger(__name__)
 
 GENDER = {0: 'female', 1: 'male'}
 SKIN = {0: 'light', 1: 'dark'}
@@ -43,6 +48,8 @@ class Pairs:
     labels: np.ndarray          # (P,) bool, True = same person
     groups: dict                # attribute -> (P,) int group index, -1 = mixed or unknown
     legitimate: dict            # column -> ((P,) level of image 1, (P,) level of image 2, level names)
+    subjects: tuple = None      # ((P,) identity index of image 1, of image 2, number of identities) or None
+    subjects_missing: str = ''  # why `subjects` is None
 
 
 def _read_metadata(path):
@@ -116,25 +123,37 @@ def make_pairs(scores, labels, meta_rows1, meta_rows2, metadata, path='metadata'
             level, names = _levels(metadata[col])
             if len(names) > 2:  # at least two real levels besides 'missing'
                 legitimate[col] = (level[meta_rows1], level[meta_rows2], names)
-    return Pairs(np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool), groups, legitimate)
+    subjects, why = None, f'{path}: no SUBJECT_ID column'
+    if 'SUBJECT_ID' in metadata:
+        ids, code = np.unique(metadata['SUBJECT_ID'].astype(str), return_inverse=True)
+        blank = np.nonzero(metadata['SUBJECT_ID'] == '')[0]
+        if blank.size:
+            why = f'{path}: row {blank[0] + 2} has a blank SUBJECT_ID'
+        else:
+            subjects, why = (code[meta_rows1], code[meta_rows2], len(ids)), ''
+    return Pairs(np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool), groups, legitimate,
+                 subjects, why)
 
 
 def load_pairs(predictions, ground_truth, metadata):
-    """Join predictions (TEMPLATE_ID1,TEMPLATE_ID2,SCORE), ground truth (...,LABEL) and metadata."""
-    p1, p2, scores, _ = read_pairs_csv(predictions, 'SCORE')
-    g1, g2, labels, _ = read_pairs_csv(ground_truth, 'LABEL')
-    if not np.isin(labels, (0, 1)).all():
-        raise UserError(f'{ground_truth}: LABEL must be 0 or 1')
-    if np.isnan(scores).any():
-        raise UserError(f'{predictions}: {int(np.isnan(scores).sum())} pairs have no score')
+    """Join predictions (TEMPLATE_ID1,TEMPLATE_ID2,SCORE), ground truth (...,LABEL) and metadata.
+
+    Every ground-truth pair needs a prediction (either id order); predictions of pairs the ground truth
+    lacks are left out with a warning giving their number.
+    """
+    p1, p2, scores = read_scores(predictions)
+    g1, g2, labels = read_labels(ground_truth)
     if not (len(p1) == len(g1) and (p1 == g1).all() and (p2 == g2).all()):
         lookup = {(a, b): i for i, (a, b) in enumerate(zip(p1, p2))}
-        lookup.update({(b, a): i for (a, b), i in list(lookup.items()) if (b, a) not in lookup})
+        lookup.update({(b, a): i for (a, b), i in list(lookup.items())})
         order = np.array([lookup.get((a, b), -1) for a, b in zip(g1, g2)], dtype=np.int64)
         if (order < 0).any():
             first = int(np.nonzero(order < 0)[0][0])
             raise UserError(f'{predictions}: {int((order < 0).sum())} ground-truth pairs have no prediction '
-                            f'(first: {g1[first]},{g2[first]})')
+                            f'(of {len(g1)}; first: {g1[first]},{g2[first]})')
+        extra = len(p1) - len(order)
+        if extra:
+            log.warning('%s: %d predicted pairs are not in %s; left out', predictions, extra, ground_truth)
         scores = scores[order]
     meta, index = _read_metadata(metadata)
     rows1 = np.array([index.get(t, -1) for t in g1], dtype=np.int64)
@@ -143,7 +162,7 @@ def load_pairs(predictions, ground_truth, metadata):
         missing = sorted(set(g1[rows1 < 0]) | set(g2[rows2 < 0]))
         raise UserError(f'{metadata}: no row for template ids {", ".join(missing[:20])}'
                         + (f' ... ({len(missing)} in all)' if len(missing) > 20 else ''))
-    return make_pairs(scores, labels.astype(bool), rows1, rows2, meta, metadata)
+    return make_pairs(scores, labels, rows1, rows2, meta, metadata)
 
 
 def tar_at_far(fpr, tpr, far):
@@ -153,8 +172,10 @@ def tar_at_far(fpr, tpr, far):
 
 
 def eer(scores, labels, roc=None):
-    """(equal error rate, its threshold): where FMR and FNMR cross on the ROC."""
-    fpr, tpr, thr = roc if roc is not None else Ranked(scores, labels).roc()
+    """(equal error rate, its threshold): where FMR and FNMR cross, searched over every operating point
+    (`roc` from `Ranked.roc(drop_intermediate=False)`): a curve reduced to its corners can lack the
+    thresholds where they meet."""
+    fpr, tpr, thr = roc if roc is not None else Ranked(scores, labels).roc(drop_intermediate=False)
     fnr = 1.0 - tpr
     i = int(np.argmin(np.abs(fnr - fpr)))
     return float((fpr[i] + fnr[i]) / 2.0), float(thr[i])
@@ -186,17 +207,17 @@ def normalised_ranks(scores):
     return out
 
 
-def roc_from_sorted(labels_desc, scores_desc):
+def roc_from_sorted(labels_desc, scores_desc, drop_intermediate=True):
     """(fpr, tpr, thresholds) of labels and scores already sorted by score descending.
 
-    The same curve as sklearn's roc_curve (drop_intermediate=True, a first threshold at inf), without
+    The same curve as sklearn's roc_curve (with its drop_intermediate, a first threshold at inf), without
     its sort, so the whole evaluation shares one sort of the scores.
     """
     idx = np.r_[np.nonzero(scores_desc[1:] != scores_desc[:-1])[0], len(scores_desc) - 1]
     tps = np.cumsum(labels_desc, dtype=np.int64)[idx]
     fps = idx + 1 - tps
     thr = scores_desc[idx]
-    if len(fps) > 2:
+    if drop_intermediate and len(fps) > 2:
         corner = np.nonzero(np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True])[0]
         fps, tps, thr = fps[corner], tps[corner], thr[corner]
     fps, tps = np.r_[0, fps], np.r_[0, tps]
@@ -216,12 +237,26 @@ class Ranked:
         self.scores = scores[self.order]
         self.labels = labels[self.order]
 
-    def roc(self, keep=None):
+    def roc(self, keep=None, drop_intermediate=True):
         """ROC of all pairs, or of those where the boolean mask `keep` (in pair order) is set."""
         if keep is None:
-            return roc_from_sorted(self.labels, self.scores)
+            return roc_from_sorted(self.labels, self.scores, drop_intermediate)
         sel = keep[self.order]
-        return roc_from_sorted(self.labels[sel], self.scores[sel])
+        return roc_from_sorted(self.labels[sel], self.scores[sel], drop_intermediate)
+
+    def shares(self):
+        """Per pair (pair order): the share of positive pairs scoring higher and the share of negative pairs
+        scoring lower, ties counting half (the per-pair terms of every AUC against all pairs of the
+        other polarity)."""
+        starts = np.r_[0, np.nonzero(self.scores[1:] != self.scores[:-1])[0] + 1]
+        block = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(self.scores)]))
+        pos_in = np.add.reduceat(self.labels.astype(np.float64), starts)
+        neg_in = np.diff(np.r_[starts, len(self.scores)]) - pos_in
+        n_pos, n_neg = pos_in.sum(), neg_in.sum()
+        above, below = np.empty(len(self.scores)), np.empty(len(self.scores))
+        above[self.order] = ((np.cumsum(pos_in) - pos_in / 2) / n_pos)[block]
+        below[self.order] = ((n_neg - np.cumsum(neg_in) + neg_in / 2) / n_neg)[block]
+        return above, below
 
     def polarity_ranks(self, positive):
         """Normalised ranks of the pairs of one polarity among themselves (0 for the other pairs)."""
@@ -342,6 +377,58 @@ def _polarity_bias(pairs, attr, positive, ranks, legit=None):
     return out
 
 
+def legitimate_cells(pairs):
+    """(P,) index of each pair's combination of legitimate values, -1 when its two images differ in one
+    of them; and the combinations' names (`AGE=0,GLASSES=1,...`)."""
+    if not pairs.legitimate:
+        return np.full(len(pairs.scores), -1, dtype=np.int64), []
+    code1 = np.zeros(len(pairs.scores), dtype=np.int64)
+    code2 = np.zeros(len(pairs.scores), dtype=np.int64)
+    for l1, l2, names in pairs.legitimate.values():
+        code1, code2 = code1 * len(names) + l1, code2 * len(names) + l2
+    same = code1 == code2
+    combos, index = np.unique(code1[same], return_inverse=True)
+    cells = np.full(len(pairs.scores), -1, dtype=np.int64)
+    cells[same] = index
+    names = []
+    for code in combos.tolist():
+        parts = []
+        for col, (_, _, levels) in reversed(list(pairs.legitimate.items())):
+            code, level = divmod(code, len(levels))
+            parts.append(f'{col}={levels[level]}')
+        names.append(','.join(reversed(parts)))
+    return cells, names
+
+
+def _cell_bias(pairs, attr, positive, share, cells, combo_names):
+    """(d) the organisers' per-cell AUC on one polarity: for each cell (legitimate combination x group) the
+    AUC of its positive pairs against all negative pairs (`share` = each pair's share of negatives scoring
+    lower), or of its negative pairs against all positive pairs (share of positives scoring higher).
+
+    Per group: the mean of its cells' AUCs over the combinations in which every group has a cell (so the
+    groups are compared on the same legitimate values); spread = max - min of those means.
+    """
+    names = ATTRIBUTES[attr]
+    k = len(names)
+    sel = (pairs.labels == positive) & (pairs.groups[attr] >= 0) & (cells >= 0)
+    key = cells[sel] * k + pairs.groups[attr][sel]
+    size = len(combo_names) * k
+    counts = np.bincount(key, minlength=size).reshape(-1, k)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        cell_auc = (np.bincount(key, weights=share[sel], minlength=size).reshape(-1, k) / counts)
+    complete = np.nonzero((counts > 0).all(axis=1))[0]
+    means = cell_auc[complete].mean(axis=0) if complete.size else np.full(k, np.nan)
+    spread = _spread(means, names)
+    del spread['se']
+    spread.update({'combinations': int(complete.size), 'pairs_in_cells': int(sel.sum()),
+                   'reason': None if complete.size else 'no combination of legitimate values has pairs of '
+                                                        'every group'})
+    cell_list = [{'legitimate': combo_names[x], 'group': names[g], 'pairs': int(counts[x, g]),
+                  'auc': float(cell_auc[x, g])} for x, g in zip(*np.nonzero(counts))]
+    return {'cell_auc': {n: (None if not np.isfinite(m) else float(m)) for n, m in zip(names, means)},
+            'cell': spread, 'cells': cell_list}
+
+
 def _ratio(values):
     vals = [v for v in values if v is not None]
     if len(vals) < 2:
@@ -386,7 +473,7 @@ def evaluate_pairs(pairs):
     ranked = Ranked(scores, labels)
     roc = ranked.roc()
     fpr, tpr, _ = roc
-    eer_value, eer_thr = eer(scores, labels, roc)
+    eer_value, eer_thr = eer(scores, labels, ranked.roc(drop_intermediate=False))
     thresholds = {'fmr_1e-3': fmr_threshold(scores, labels, impostors_desc=ranked.scores[~ranked.labels]),
                   'eer': eer_thr}
     result = {
@@ -400,12 +487,19 @@ def evaluate_pairs(pairs):
     for positive in (True, False):
         rows = np.nonzero(labels == positive)[0]
         polarity[positive] = (ranked.polarity_ranks(positive), legitimate_counts(pairs, rows))
+    above, below = ranked.shares()
+    cells, combo_names = legitimate_cells(pairs)
+    result['group_auc_gap'] = {}
     for attr in ATTRIBUTES:
         result['group_auc'][attr] = {g: v[2] for g, v in group_roc(pairs, attr, ranked).items()}
+        result['group_auc_gap'][attr] = _spread(list(result['group_auc'][attr].values()),
+                                                list(result['group_auc'][attr]))['spread']
         result['mixed_pairs'][attr] = int((pairs.groups[attr] < 0).sum())
         result['bias'][attr] = {
-            'positive': _polarity_bias(pairs, attr, True, *polarity[True]),
-            'negative': _polarity_bias(pairs, attr, False, *polarity[False]),
+            'positive': {**_polarity_bias(pairs, attr, True, *polarity[True]),
+                         **_cell_bias(pairs, attr, True, below, cells, combo_names)},
+            'negative': {**_polarity_bias(pairs, attr, False, *polarity[False]),
+                         **_cell_bias(pairs, attr, False, above, cells, combo_names)},
             'error_rates': {name: _error_rates(pairs, attr, t) for name, t in thresholds.items()},
         }
     result['worst_group'] = worst_group(result)

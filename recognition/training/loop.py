@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from .. import checkpoint
+from .. import checkpoint, distributed
 from ..config import HEAD_ARGS
 from ..locking import folder_lock
 from ..utils import UserError
@@ -366,14 +366,15 @@ class TrainingSession:
         self.mx.nd.waitall()
 
     def save_resume(self):
-        """Snapshot for `--resume` (all parameters, optimizer, counters); chief only.
+        """Snapshot for `--resume` (all parameters, optimizer, counters); chief only. Returns its path (on
+        the other workers: where the chief writes it).
 
         Every worker first finishes its queued updates: MXNet drops pending engine work at exit, and in
         dist_sync a worker that left with its last gradients unsent would leave the chief waiting forever.
         """
         self.mx.nd.waitall()
         if not self.chief:
-            return None
+            return checkpoint.resume_file(self.prefix)
         # Non-trainable parameters (frozen ones, BN statistics) are in `params` too. dist_async keeps the
         # optimizer state on the servers, which cannot save it (see kvstore.Topology.update_on_kvstore).
         trainer = None if self.topology.server_updates else self.trainer
@@ -454,7 +455,30 @@ class TrainingSession:
 
     # --- the loop -----------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
-        self._stop_signal = signum
+        self._stop_signal = signal.Signals(signum)
+
+    def _stop_requested(self):
+        """Stop after this step? In dist_sync the workers exchange their signals every step (StopVote), so
+        all of them stop after the same one and none waits forever for another's gradients."""
+        if self._stop_vote is not None:
+            self._stopped_by = self._stop_vote(self._stop_signal)
+        elif self._stop_signal is not None:
+            self._stopped_by = {self.topology.rank: self._stop_signal}
+        return bool(self._stopped_by)
+
+    def _stop(self):
+        """Save the resume snapshot and say where it is; returns the signal. In a dist job every worker
+        waits for the chief's save, so all of them can name the snapshot."""
+        path = self.save_resume()
+        if not self.topology.distributed:
+            self.log.info('%s at step %d: saved %s; continue with --resume', self._stop_signal.name, self.step,
+                          path)
+            return self._stop_signal
+        self.topology.kvstore._barrier()   # MXNet 1.9's worker barrier has no public name
+        got = ', '.join(f'{s.name} to rank {r}' for r, s in sorted(self._stopped_by.items()))
+        self.log.info('%s at step %d: %s %s; continue with --resume', got, self.step,
+                      'saved' if self.chief else 'the chief saved', path)
+        return self._stop_signal or min(self._stopped_by.items())[1]
 
     def _forward_backward(self, data, label):
         mx = self.mx
@@ -504,7 +528,12 @@ class TrainingSession:
                                total_steps=int(opts.max_steps or 0) or int(opts.end_epoch) * self.steps_per_epoch,
                                start_step=self.step,
                                show_bar=self.show_bar)
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._stopped_by = {}
+        self._stop_vote = (distributed.StopVote(self.topology.kvstore, self.topology.rank,
+                                                self.topology.num_workers)
+                           if self.topology.distributed and not self.topology.server_updates else None)
+        # A dist job's processes announce a stop signal to the launcher and exit even when stuck.
+        signals = distributed.StopSignals(self._on_signal, announce=self.topology.distributed)
         losses = []
         verify_results = []
         try:
@@ -546,13 +575,10 @@ class TrainingSession:
                             self.checkpoint_policy(accs)
                         self.save_resume()
                         self.monitor.exclude(time.time() - tic)
-                    if self._stop_signal is not None or self._finished():
+                    if self._stop_requested() or self._finished():
                         break
-                if self._stop_signal is not None:
-                    path = self.save_resume()
-                    self.log.info('%s at step %d: saved %s; continue with --resume',
-                                  signal.Signals(self._stop_signal).name, self.step, path)
-                    return self._summary(losses, verify_results, interrupted=self._stop_signal)
+                if self._stopped_by:
+                    return self._summary(losses, verify_results, interrupted=self._stop())
                 if self.batch_in_epoch >= self.steps_per_epoch:
                     self.epoch += 1
                     self.batch_in_epoch = 0
@@ -561,8 +587,7 @@ class TrainingSession:
             latest = '%s,%d' % self.last_checkpoint if self.last_checkpoint else 'none (see --ckpt)'
             self.log.info('finished at step %d; latest checkpoint %s', self.step, latest)
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
+            signals.restore()
             self.monitor.close()
             self.close()
         return self._summary(losses, verify_results)

@@ -1,0 +1,77 @@
+"""A multi-seed study of the finetune chain: every step's numbers over the seeds (mean and spread), and
+per seed the paired bootstrap change of the last step against the ones it should improve on.
+
+The point values and the paired changes are those of the chain table (`finetune.CHANGE_MEASURES`,
+`bootstrap.compare`), so a study row and a chain-table row of the same model agree. The seeds' runs share
+the validation pairs; each seed's comparison uses its own models' scores under the same identity resamples.
+"""
+import numpy as np
+
+from recognition.evaluation.bootstrap import compare, value_at
+from recognition.evaluation.fairness import evaluate_pairs, load_pairs
+from recognition.finetune import CHANGE_MEASURES
+
+
+def _fmt(v, digits=4):
+    return 'n/a' if v is None else f'{v:.{digits}f}'
+
+
+def run_study(runs, ground_truth, metadata, against, replicates=1000, seed=0):
+    """`runs`: {seed name: {step: predictions CSV}} with the same steps for every seed; `against`:
+    (step, reference step) pairs to compare. Returns {'steps', 'seeds', 'values', 'changes'}."""
+    steps = list(next(iter(runs.values())))
+    values = {step: {label: [] for label, _ in CHANGE_MEASURES} for step in steps}
+    changes = {f'{b} vs {a}': {} for b, a in against}
+    for name, files in runs.items():
+        loaded = {}
+        for step in steps:
+            pairs = load_pairs(files[step], ground_truth, metadata)
+            loaded[step] = (pairs, evaluate_pairs(pairs))
+            for label, path in CHANGE_MEASURES:
+                values[step][label].append(value_at(loaded[step][1], path))
+        for later, reference in against:
+            (pa, ra), (pb, rb) = loaded[reference], loaded[later]
+            paired = compare(pa, ra, pb, rb, replicates, seed, names=(reference, later))['values']
+            changes[f'{later} vs {reference}'][name] = {
+                label: {k: paired[path][k] for k in ('difference', 'interval', 'interval_na', 'excludes_0')}
+                for label, path in CHANGE_MEASURES}
+    return {'seeds': list(runs), 'steps': steps, 'replicates': replicates, 'bootstrap_seed': seed,
+            'values': values, 'changes': changes}
+
+
+def _mean_spread(vals):
+    ok = [v for v in vals if v is not None]
+    if not ok:
+        return 'n/a'
+    sd = float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0
+    return f'{np.mean(ok):.4f} ± {sd:.4f}'
+
+
+def study_markdown(study):
+    """Mean ± sample standard deviation over the seeds per step, then each seed's paired changes."""
+    labels = [label for label, _ in CHANGE_MEASURES]
+    n = len(study['seeds'])
+    lines = [f'Over {n} seed{"s" if n != 1 else ""} ({", ".join(study["seeds"])}): mean ± standard deviation '
+             f'over the seeds.', '', '| step | ' + ' | '.join(labels) + ' |', '|' + '---|' * (len(labels) + 1)]
+    for step in study['steps']:
+        lines.append(f'| {step} | ' + ' | '.join(_mean_spread(study['values'][step][l]) for l in labels) + ' |')
+    for title, per_seed in study['changes'].items():
+        lines += ['', f'{title}: paired change per seed, 95% subject-level bootstrap interval '
+                      f'({study["replicates"]} replicates; * = the interval excludes 0)', '',
+                  '| seed | ' + ' | '.join(labels) + ' |', '|' + '---|' * (len(labels) + 1)]
+        for name, change in per_seed.items():
+            cells = []
+            for label in labels:
+                v = change[label]
+                if v['difference'] is None:
+                    cells.append('n/a')
+                elif v['interval'] is None:
+                    cells.append(f'{v["difference"]:+.4f} [n/a]')
+                else:
+                    lo, hi = v['interval']
+                    cells.append(f'{v["difference"]:+.4f} [{lo:+.4f}, {hi:+.4f}]' + ('*' if v['excludes_0'] else ''))
+            lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+        excluded = {label: sum(bool(c[label]['excludes_0']) for c in per_seed.values()) for label in labels}
+        lines += ['', 'interval excludes 0 in: ' + ', '.join(f'{label} {k}/{len(per_seed)}'
+                                                           for label, k in excluded.items())]
+    return '\n'.join(lines) + '\n'
