@@ -49,7 +49,7 @@ def list_models():
 def get_model(name, emb_size=None, **kwargs):
     """Build network ``name`` (see :func:`list_models`) with ``emb_size`` (its preset's if None).
 
-    ``kwargs`` go to the constructor, e.g. ``bn_mom=0.9`` or ``input_size=96``.
+    ``kwargs`` go to the constructor, e.g. ``bn_mom=0.9`` (or ``input_size=96`` for a fresnet).
     """
     settings = network_settings(name)
     if emb_size:
