@@ -11,6 +11,9 @@ Differences from insightface, on purpose:
   dataset's `property` file when it exists (the numbers below are the published sizes).
 - `demo` and `demo_fairface` presets point at the synthetic sets of `data_process/make_demo_data.py`, and the
   `demo` network preset carries the CPU-sized recipe that `shell/train.sh` runs.
+- the presets here are the only list of networks and losses: `recognition.models.get_model` and
+  `recognition.losses.build_head` build from them, so every key below is read by the code (the insightface
+  keys this code base has no use for, e.g. `bn_mom`, `workspace`, `net_unit`, `ce_loss`, are left out).
 """
 import copy
 import math
@@ -22,33 +25,20 @@ from .data.record import read_property
 from .utils import UserError
 
 _config = edict()
-_config.bn_mom = 0.9
-_config.workspace = 256
 _config.emb_size = 512
 _config.ckpt_embedding = False
-_config.net_se = 0
-_config.net_act = 'prelu'
-_config.net_unit = 3
-_config.net_input = 1
-_config.net_blocks = [1, 4, 6, 2]
-_config.net_output = 'E'
-_config.net_multiplier = 1.0
 _config.val_targets = ['lfw', 'cfp_fp', 'agedb_30']
-_config.ce_loss = True
 _config.fc7_lr_mult = 1.0
 _config.fc7_wd_mult = 1.0
-_config.fc7_no_bias = False
-_config.max_steps = 0
 _config.data_rand_mirror = True
 _config.data_cutoff = False
 _config.data_color = 0
 _config.data_compress = False
 _config.data_images_filter = 0
-_config.count_flops = True
-_config.memonger = False
 _config.image_shape = [112, 112, 3]
 
-# network settings
+# network settings: the one list of networks. `recognition.models.get_model(name)` builds each from its
+# preset: `net_name` picks the family (insightface's symbol file), the other net keys its shape.
 network = edict()
 
 network.r100 = edict()
@@ -70,13 +60,18 @@ network.r18.num_layers = 18
 network.y1 = edict()
 network.y1.net_name = 'fmobilefacenet'
 network.y1.emb_size = 128
-network.y1.net_output = 'GDC'
 network.y1.net_blocks = [1, 4, 6, 2]
 
-# The demo-size network and its CPU recipe (`shell/train.sh` runs it with --loss nsoftmax): measured on
-# datasets/demo_emore, 400 steps of 32 reach lfw 0.81 / cfp_fp 0.75 Accuracy-Flip in ~7 min on 2 shared cores.
+# The demo-size LResNet-IR for CPU demos on the synthetic sets: one unit per stage (10 layers) at a quarter of
+# r18's width, and insightface's 7x7/2 stem (net_input=0) so no layer runs at 112x112, which makes a train
+# step ~8x faster on CPU. Not a model for real data: use r50 / r100 there.
+# Its CPU recipe (`shell/train.sh` runs it with --loss nsoftmax): measured on datasets/demo_emore, 400 steps
+# of 32 reach lfw 0.81 / cfp_fp 0.75 Accuracy-Flip in ~7 min on 2 shared cores.
 network.demo = edict()
-network.demo.net_name = 'demo'
+network.demo.net_name = 'fresnet'
+network.demo.num_layers = 10
+network.demo.net_multiplier = 0.25
+network.demo.net_input = 0
 network.demo.emb_size = 128
 network.demo.per_batch_size = 32
 network.demo.lr = 0.1
@@ -87,45 +82,42 @@ network.demo.verbose = 200
 network.demo.frequent = 50
 network.demo.max_steps = 400
 
-# dataset settings
+# dataset settings (`config.dataset` is the preset's name, set by generate_config)
 dataset = edict()
 
 dataset.emore = edict()
-dataset.emore.dataset = 'emore'
 dataset.emore.dataset_path = 'datasets/faces_emore'
 dataset.emore.num_classes = 85742
 dataset.emore.image_shape = [112, 112, 3]
 dataset.emore.val_targets = ['lfw', 'cfp_fp', 'agedb_30']
 
 dataset.retina = edict()
-dataset.retina.dataset = 'retina'
 dataset.retina.dataset_path = 'datasets/ms1m-retinaface-t1'
 dataset.retina.num_classes = 93431
 dataset.retina.image_shape = [112, 112, 3]
 dataset.retina.val_targets = ['lfw', 'cfp_fp', 'agedb_30']
 
 dataset.fairface = edict()
-dataset.fairface.dataset = 'fairface'
 dataset.fairface.dataset_path = 'datasets/fairface'
 dataset.fairface.num_classes = 4297
 dataset.fairface.image_shape = [112, 112, 3]
 dataset.fairface.val_targets = ['val']
 
 dataset.demo = edict()
-dataset.demo.dataset = 'demo'
 dataset.demo.dataset_path = 'datasets/demo_emore'
 dataset.demo.num_classes = 0
 dataset.demo.image_shape = [112, 112, 3]
 dataset.demo.val_targets = ['lfw', 'cfp_fp']
 
 dataset.demo_fairface = edict()
-dataset.demo_fairface.dataset = 'demo_fairface'
 dataset.demo_fairface.dataset_path = 'datasets/demo_fairface'
 dataset.demo_fairface.num_classes = 0
 dataset.demo_fairface.image_shape = [112, 112, 3]
 dataset.demo_fairface.val_targets = ['val']
 
-# loss settings (insightface's names: loss_s, loss_m1, loss_m2, loss_m3)
+# loss settings: the one list of losses. `recognition.losses.build_head(name)` builds each from its preset:
+# `loss_name` picks the head (losses.HEAD_TYPES), the other keys are its arguments in insightface's names
+# (HEAD_ARGS below).
 loss = edict()
 loss.softmax = edict()
 loss.softmax.loss_name = 'softmax'
@@ -166,6 +158,13 @@ loss.arc_circle.loss_name = 'arc_circle'
 loss.arc_circle.loss_gamma = 64.0
 loss.arc_circle.loss_margin = 0.65 * math.pi
 
+# The one translation of the loss keys to head arguments: build_head and the trainer's head_kwargs use it
+# (build_head also takes the argument names). It lives here, not in losses.py, because the trainer module
+# imports it at the top and must not pull in gluon: a dist kvstore server imports the trainer's schedule
+# while mxnet itself is still initialising.
+HEAD_ARGS = {'loss_s': 's', 'loss_m1': 'm1', 'loss_m2': 'm2', 'loss_m3': 'm3', 'easy_margin': 'easy_margin',
+             'loss_gamma': 'gamma', 'loss_margin': 'margin'}
+
 # default settings (the CLI defaults of train/train.py)
 _default = edict()
 _default.network = 'r100'
@@ -200,10 +199,21 @@ config = edict(copy.deepcopy(_config))
 default = edict(copy.deepcopy(_default))
 
 
-def _pick(table, name, kind):
+_TABLES = {'network': network, 'dataset': dataset, 'loss': loss}
+
+
+def preset(kind, name):
+    """The `--<kind>` preset `name` (kind: network, dataset or loss); an unknown name is a UserError."""
+    table = _TABLES[kind]
     if name not in table:
-        raise UserError(f'unknown {kind} {name!r}: choose from {", ".join(sorted(table))}')
+        raise UserError(f'--{kind}: unknown {kind} {name!r} (choose from {", ".join(sorted(table))})')
     return table[name]
+
+
+def network_settings(name):
+    """Network `name`'s keys as generate_config leaves them in `config`: its preset over the base `emb_size`
+    (what `recognition.models.get_model` builds, so a network's default embedding has one home)."""
+    return edict(copy.deepcopy(dict({'emb_size': _config.emb_size}, **preset('network', name))))
 
 
 def generate_config(_network, _dataset, _loss):
@@ -212,14 +222,13 @@ def generate_config(_network, _dataset, _loss):
     Both are reset to their base values first, so calling this twice does not mix presets. Returns
     `(config, default)`; the module-level objects are updated in place as in insightface.
     """
-    presets = [_pick(loss, _loss, 'loss'), _pick(network, _network, 'network'),
-               _pick(dataset, _dataset, 'dataset')]
+    presets = [preset('loss', _loss), preset('network', _network), preset('dataset', _dataset)]
     config.clear()
     config.update(copy.deepcopy(_config))
     default.clear()
     default.update(copy.deepcopy(_default))
-    for preset in presets:
-        for k, v in preset.items():
+    for chosen in presets:
+        for k, v in chosen.items():
             config[k] = copy.deepcopy(v)
             if k in default:
                 default[k] = copy.deepcopy(v)

@@ -13,10 +13,11 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
+from .config import HEAD_ARGS, preset
 from .utils import UserError
 
 __all__ = ['MarginHead', 'ArcCircleHead', 'CenterLoss', 'AttributeHead', 'AuxiliaryTasks', 'build_auxiliary',
-           'build_head', 'LOSS_PRESETS']
+           'build_head', 'head_preset', 'HEAD_TYPES']
 
 # Clip for cos(theta) before arccos: rounding can push a dot product of unit vectors to or just
 # past +-1, where arccos is NaN or its gradient infinite (insightface does not guard this).  Only
@@ -321,27 +322,26 @@ def build_auxiliary(dataset, emb_size, center_weight=0.0, center_alpha=0.5, attr
     return AuxiliaryTasks(emb_size, int(dataset.num_classes), center_weight, center_alpha, attributes, hidden)
 
 
-# insightface's sample_config.py loss presets (+ the FairFace seed's arc_circle_loss).
-LOSS_PRESETS = {
-    'softmax': dict(s=None),
-    'nsoftmax': dict(s=64.0),
-    'arcface': dict(s=64.0, m1=1.0, m2=0.5, m3=0.0),
-    'cosface': dict(s=64.0, m1=1.0, m2=0.0, m3=0.35),
-    'combined': dict(s=64.0, m1=1.0, m2=0.3, m3=0.2),
-    'arc_circle': dict(gamma=64.0, margin=0.65 * math.pi),
+# insightface's loss_name -> (head class, its arguments before the preset's values). `softmax` is the plain
+# FullyConnected with fc7_bias (no scale); `margin_softmax` the s/m1/m2/m3 family.
+HEAD_TYPES = {
+    'softmax': (MarginHead, {'s': None}),
+    'margin_softmax': (MarginHead, {}),
+    'arc_circle': (ArcCircleHead, {}),
 }
-# insightface config keys accepted as aliases.
-_ALIASES = {'loss_s': 's', 'loss_m1': 'm1', 'loss_m2': 'm2', 'loss_m3': 'm3', 'loss_gamma': 'gamma',
-            'loss_margin': 'margin', 'thetaMargin': 'margin', 'fc7_no_bias': 'no_bias'}
+
+
+def head_preset(loss_name):
+    """``(head class, constructor arguments)`` of the ``--loss`` preset ``loss_name`` of recognition/config.py."""
+    settings = preset('loss', loss_name)
+    cls, base = HEAD_TYPES[settings.loss_name]
+    return cls, dict(base, **{HEAD_ARGS[k]: v for k, v in settings.items() if k != 'loss_name'})
 
 
 def build_head(loss_name, num_classes, emb_size, **cfg):
     """Head for a ``--loss`` preset; ``cfg`` overrides its values (``s``/``loss_s``, ``m1``..``m3``,
-    ``easy_margin``, ``gamma``, ``margin``, ``fc7_lr_mult``, ``fc7_wd_mult``, ``no_bias``)."""
-    if loss_name not in LOSS_PRESETS:
-        raise UserError('--loss: unknown loss %r (choose from %s)' % (loss_name, ', '.join(sorted(LOSS_PRESETS))))
-    kwargs = dict(LOSS_PRESETS[loss_name])
-    kwargs.update({_ALIASES.get(k, k): v for k, v in cfg.items()})
-    if loss_name == 'arc_circle':
-        return ArcCircleHead(num_classes, emb_size, **kwargs)
-    return MarginHead(num_classes, emb_size, **kwargs)
+    ``easy_margin``, ``gamma``/``loss_gamma``, ``margin``/``loss_margin``, ``fc7_lr_mult``, ``fc7_wd_mult``,
+    ``no_bias``)."""
+    cls, kwargs = head_preset(loss_name)
+    kwargs.update({HEAD_ARGS.get(k, k): v for k, v in cfg.items()})
+    return cls(num_classes, emb_size, **kwargs)

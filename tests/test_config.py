@@ -4,7 +4,7 @@ import runpy
 
 import pytest
 
-from recognition.config import default, generate_config, network
+from recognition.config import default, generate_config, network, network_settings
 from recognition.data.transforms import train_transform
 from recognition.losses import build_head
 from recognition.training.loop import head_kwargs
@@ -26,7 +26,7 @@ def test_insightface_defaults():
 
 def test_override_order_and_reset():
     config, d = generate_config('y1', 'fairface', 'cosface')
-    assert config.emb_size == 128 and config.net_output == 'GDC' and config.loss_m3 == 0.35
+    assert config.emb_size == 128 and config.net_name == 'fmobilefacenet' and config.loss_m3 == 0.35
     assert config.num_classes == 4297 and config.val_targets == ['val']
     # network presets override `default` keys they share (the demo recipe), and a new call resets them.
     config, d = generate_config('demo', 'demo', 'arcface')
@@ -34,6 +34,34 @@ def test_override_order_and_reset():
     config, d = generate_config('r50', 'emore', 'arcface')
     assert d.per_batch_size == 128 and d.lr == 0.1 and 'max_steps' in d and d.max_steps == 0
     assert default is d
+
+
+# insightface keys this code base reads nowhere (its fresnet is net_unit 3 / prelu / output E, MobileFaceNet
+# GDC; there is no symbol workspace, memonger or FLOP counter): kept out so every config key does something.
+DROPPED_KEYS = ('bn_mom', 'workspace', 'net_se', 'net_act', 'net_unit', 'net_output', 'ce_loss', 'fc7_no_bias',
+                'count_flops', 'memonger')
+
+
+def test_no_unread_insightface_keys():
+    for net, loss in (('r100', 'arcface'), ('y1', 'cosface'), ('demo', 'softmax')):
+        config, _ = generate_config(net, 'emore', loss)
+        assert not set(DROPPED_KEYS) & set(config)
+
+
+def test_cli_preset_defaults_do_not_stick():
+    """--network/--loss/--dataset default to insightface's r100/arcface/emore however many presets were loaded."""
+    train_parse_args(['--network', 'demo', '--loss', 'nsoftmax', '--dataset', 'demo'])
+    opts = train_parse_args([])
+    assert (opts.network, opts.loss, opts.dataset) == ('r100', 'arcface', 'emore')
+    assert (opts.emb_size, opts.loss_m2) == (512, 0.5)
+    assert (opts.per_batch_size, opts.lr, opts.data_dir) == (128, 0.1, 'datasets/faces_emore')
+
+
+def test_network_settings_are_what_generate_config_gives():
+    for name in network:
+        config, _ = generate_config(name, 'emore', 'arcface')
+        assert network_settings(name) == {k: config[k] for k in network_settings(name)}
+    assert network_settings('r50').emb_size == 512 and network_settings('y1').emb_size == 128
 
 
 def test_class_count_from_property(tmp_path, monkeypatch):

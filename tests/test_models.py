@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from mxnet import autograd
 
-from recognition.models import PReLU, get_model, get_symbol, init_params, list_models, native_prelu
+from recognition.config import network as network_presets
+from recognition.models import (FAMILIES, FRESNET_UNITS, PReLU, get_model, get_symbol, init_params, list_models,
+                                native_prelu)
 from recognition.utils import UserError
 
 EMB = {'r18': 512, 'r34': 512, 'r50': 512, 'r100': 512, 'y1': 128, 'demo': 128}
@@ -83,6 +85,47 @@ def test_r50_names_are_insightface():
 def test_y1_names_are_insightface():
     net = get_model('y1')
     assert sorted(net.collect_params().keys()) == sorted(insightface_mobilefacenet_names())
+
+
+# Each network's architecture, written out here (insightface's depths; the demo's one unit per stage at a
+# quarter width with the 7x7/2 stem) so a preset change in recognition/config.py is a visible decision.
+EXPECTED_SHAPES = {
+    'r18': dict(units=[2, 2, 2, 2], widths=[64, 64, 128, 256, 512], stem=3),
+    'r34': dict(units=[3, 4, 6, 3], widths=[64, 64, 128, 256, 512], stem=3),
+    'r50': dict(units=[3, 4, 14, 3], widths=[64, 64, 128, 256, 512], stem=3),
+    'r100': dict(units=[3, 13, 30, 3], widths=[64, 64, 128, 256, 512], stem=3),
+    'demo': dict(units=[1, 1, 1, 1], widths=[16, 16, 32, 64, 128], stem=7),
+    'y1': dict(blocks=[4, 6, 2]),
+}
+
+
+def fresnet_shape(params):
+    """Units per stage, stage widths and stem kernel of a built fresnet, read from its parameters."""
+    units = [len({k.split('_')[1] for k in params if k.startswith('stage%d_' % i)}) for i in range(1, 5)]
+    widths = [params['conv0_weight'].shape[0]] + [params['stage%d_unit1_conv2_weight' % i].shape[0]
+                                                  for i in range(1, 5)]
+    return dict(units=units, widths=widths, stem=params['conv0_weight'].shape[2])
+
+
+def test_the_network_presets_are_the_registry():
+    assert list_models() == sorted(network_presets) == sorted(EXPECTED_SHAPES) == sorted(EMB)
+
+
+@pytest.mark.parametrize('name', sorted(network_presets))
+def test_every_network_preset_builds_its_parameters(name):
+    """Each --network preset of recognition/config.py resolves in the model registry, with its own numbers."""
+    settings = network_presets[name]
+    assert settings.net_name in FAMILIES
+    params = {k: p for k, p in get_model(name).collect_params().items()}
+    assert params['fc1_gamma'].shape == (settings.get('emb_size', 512),) == (EMB[name],)
+    if settings.net_name == 'fresnet':
+        shape = fresnet_shape(params)
+        assert shape == EXPECTED_SHAPES[name] and shape['units'] == FRESNET_UNITS[settings.num_layers]
+        assert shape['stem'] == (7 if settings.get('net_input', 1) == 0 else 3)
+    else:
+        blocks = [len({k.split('_')[2] for k in params if k.startswith('res_%d_block' % stage)})
+                  for stage in (3, 4, 5)]
+        assert blocks == EXPECTED_SHAPES[name]['blocks'] == settings.net_blocks[1:]
 
 
 def test_unknown_network_is_a_user_error():

@@ -11,17 +11,17 @@ import argparse
 
 from easydict import EasyDict as edict
 
-from recognition.config import generate_config
+from recognition import config as presets
 from recognition.utils import run_cli
 
 
 def parse_args(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('--network', default='r100')
-    pre.add_argument('--loss', default='arcface')
-    pre.add_argument('--dataset', default='emore')
+    pre.add_argument('--network', default=presets.default.network)
+    pre.add_argument('--loss', default=presets.default.loss)
+    pre.add_argument('--dataset', default=presets.default.dataset)
     known, _ = pre.parse_known_args(argv)
-    config, default = generate_config(known.network, known.dataset, known.loss)
+    config, default = presets.generate_config(known.network, known.dataset, known.loss)
 
     p = argparse.ArgumentParser(description='Train a face recognition model', parents=[pre],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

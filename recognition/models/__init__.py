@@ -1,47 +1,60 @@
-"""Network registry: ``get_model('r50', emb_size=512)`` as insightface's ``--network`` presets.
+"""Network registry: ``get_model('r50')`` builds insightface's ``--network`` presets of ``recognition/config.py``.
 
-Every network takes NCHW float32 RGB 0..255 input (normalised inside the graph) and returns the
-``fc1`` embedding; parameter names are insightface's, so ``prefix-symbol.json`` /
-``prefix-NNNN.params`` pairs move between the two code bases.  Initialise with :func:`init_params`.
+The presets are the one list of networks; this module maps each preset's ``net_name`` (insightface's symbol
+file) to the family that builds it from the preset's keys.  Every network takes NCHW float32 RGB 0..255 input
+(normalised inside the graph) and returns the ``fc1`` embedding; parameter names are insightface's, so
+``prefix-symbol.json`` / ``prefix-NNNN.params`` pairs move between the two code bases.  Initialise with
+:func:`init_params`.
 """
 import mxnet as mx
 
+from ..config import network as NETWORK_PRESETS
+from ..config import network_settings
 from ..utils import UserError
 from .fresnet import FILTERS, UNITS, FResNet
 from .layers import XAVIER, PReLU, native_prelu
 from .mobilefacenet import MobileFaceNet
 
 __all__ = ['get_model', 'list_models', 'init_params', 'get_symbol', 'native_prelu', 'PReLU',
-           'FResNet', 'MobileFaceNet']
+           'FResNet', 'MobileFaceNet', 'FAMILIES', 'FRESNET_UNITS']
 
-# name -> (constructor, default emb_size, fixed constructor arguments)
-_REGISTRY = {
-    'r18': (FResNet, 512, dict(units=UNITS[18], filters=FILTERS)),
-    'r34': (FResNet, 512, dict(units=UNITS[34], filters=FILTERS)),
-    'r50': (FResNet, 512, dict(units=UNITS[50], filters=FILTERS)),
-    'r100': (FResNet, 512, dict(units=UNITS[100], filters=FILTERS)),
-    'y1': (MobileFaceNet, 128, dict(blocks=(1, 4, 6, 2))),
-    # Demo-size LResNet-IR for CPU demos on the synthetic sets: one unit per stage at a quarter of
-    # r18's width, and insightface's 7x7/2 stem (net_input=0) so no layer runs at 112x112, which
-    # makes a train step ~8x faster on CPU.  Not a model for real data: use r50 / r100 there.
-    'demo': (FResNet, 128, dict(units=[1, 1, 1, 1], filters=[16, 16, 32, 64, 128], net_input=0)),
-}
+# Units per stage of each fresnet depth: insightface's, plus the demo network's 10 layers (one unit per stage).
+FRESNET_UNITS = {**UNITS, 10: [1, 1, 1, 1]}
+
+
+def _fresnet(settings, **kwargs):
+    """insightface's fresnet.py: ``num_layers`` picks the units, ``net_multiplier`` scales its widths
+    (default 1) and ``net_input`` picks the stem (1: 3x3/1, insightface's default; 0: 7x7/2)."""
+    if settings.num_layers not in FRESNET_UNITS:
+        raise UserError('fresnet: num_layers %r not one of %s' % (settings.num_layers, sorted(FRESNET_UNITS)))
+    filters = [int(f * settings.get('net_multiplier', 1.0)) for f in FILTERS]
+    return FResNet(units=FRESNET_UNITS[settings.num_layers], filters=filters, emb_size=settings.emb_size,
+                   net_input=settings.get('net_input', 1), **kwargs)
+
+
+def _fmobilefacenet(settings, **kwargs):
+    """insightface's fmobilefacenet.py with its ``net_blocks`` (GDC output)."""
+    return MobileFaceNet(emb_size=settings.emb_size, blocks=tuple(settings.net_blocks), **kwargs)
+
+
+# insightface's net_name -> builder of that family from a network preset.
+FAMILIES = {'fresnet': _fresnet, 'fmobilefacenet': _fmobilefacenet}
 
 
 def list_models():
-    """Registered network names (``--network`` choices)."""
-    return sorted(_REGISTRY)
+    """Registered network names (``--network`` choices): the network presets of recognition/config.py."""
+    return sorted(NETWORK_PRESETS)
 
 
 def get_model(name, emb_size=None, **kwargs):
-    """Build network ``name`` (see :func:`list_models`) with ``emb_size`` (preset default if None).
+    """Build network ``name`` (see :func:`list_models`) with ``emb_size`` (its preset's if None).
 
-    ``kwargs`` go to the constructor, e.g. ``bn_mom=0.9``.
+    ``kwargs`` go to the constructor, e.g. ``bn_mom=0.9`` (or ``input_size=96`` for a fresnet).
     """
-    if name not in _REGISTRY:
-        raise UserError('--network: unknown network %r (choose from %s)' % (name, ', '.join(list_models())))
-    cls, default_emb, fixed = _REGISTRY[name]
-    return cls(emb_size=emb_size or default_emb, **fixed, **kwargs)
+    settings = network_settings(name)
+    if emb_size:
+        settings.emb_size = emb_size
+    return FAMILIES[settings.net_name](settings, **kwargs)
 
 
 def init_params(net, ctx=None, force_reinit=False):

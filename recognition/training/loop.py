@@ -20,15 +20,13 @@ import time
 import numpy as np
 
 from .. import checkpoint, distributed
+from ..config import HEAD_ARGS
 from ..data.shards import training_recs
 from ..locking import folder_lock
 from ..utils import UserError
 from . import kvstore as kvstore_setup
 from .monitor import Monitor, get_logger
 from .schedules import PlateauDecay, ServerSchedule, StepSchedule
-
-# insightface's loss config keys (build_head takes them as aliases).
-HEAD_KEYS = ('loss_s', 'loss_m1', 'loss_m2', 'loss_m3', 'loss_gamma', 'loss_margin', 'easy_margin')
 
 
 class TrainingDiverged(UserError):
@@ -80,8 +78,8 @@ def freeze(net, block):
 
 
 def head_kwargs(opts):
-    """The loss preset's settings present in `opts` (insightface's names, e.g. loss_s, loss_m2)."""
-    return {('margin' if k == 'loss_margin' else k): opts[k] for k in HEAD_KEYS if opts.get(k) is not None}
+    """The loss settings present in `opts`, under insightface's names (loss_s, loss_m2, ...) that build_head takes."""
+    return {k: opts[k] for k in HEAD_ARGS if opts.get(k) is not None}
 
 
 def load_val_sets(opts, image_size):
