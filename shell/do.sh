@@ -4,6 +4,7 @@
 #   DATA=datasets/fairface MODELS=final_eval_models OUT=results ./shell/do.sh
 # FUSION: switch (the hard-sample model where it is sure, default when one is present) | mean | concat.
 # POST: post-processing flags for test/predict.py (default: the seed's "--rerank --gap-cut").
+# SEED (default 0): the seed of the report's bootstrap resamples.
 set -eo pipefail
 . "$(dirname "$0")/env.sh"
 DATA="${DATA:-datasets/demo_fairface}"
@@ -27,7 +28,8 @@ for split in test val; do
     --models "$MODELS" --out "$OUT/$split/predictions.csv" "${landmarks[@]}" --fusion "$FUSION" $POST
   if [ -f "$DATA/$split/ground_truth.csv" ]; then
     python test/evaluate.py --predictions "$OUT/$split/predictions.csv" \
-      --ground-truth "$DATA/$split/ground_truth.csv" --metadata "$DATA/$split/metadata.csv" --out "$OUT/$split/report"
+      --ground-truth "$DATA/$split/ground_truth.csv" --metadata "$DATA/$split/metadata.csv" --out "$OUT/$split/report" \
+      --seed "${SEED:-0}"
   fi
 done
 echo "[do] predictions: $OUT/test/predictions.csv"

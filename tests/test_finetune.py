@@ -212,7 +212,7 @@ def test_shell_chain_on_a_tiny_set(fairface, tmp_path):
     models, final = tmp_path / 'models', tmp_path / 'final'
     env = dict(os.environ, MODELS_ROOT=str(models), FAIRFACE_DIR=fairface, HARD_DIR=str(tmp_path / 'hard'),
                FINAL_DIR=str(final), CTX='cpu:1', OMP_NUM_THREADS='1', STEP1_STEPS='2', STEP2_STEPS='2',
-               STEP3_STEPS='2', HARD1_STEPS='2', HARD2_STEPS='2')
+               STEP3_STEPS='2', HARD1_STEPS='2', HARD2_STEPS='2', SEED='7')
     tiny = ('--per-batch-size', '4', '--num-workers', '0')
     # A missing previous step: a clear message, exit 2, nothing created.
     r = run_script('fairface_step2_finetune.sh', env, *tiny)
@@ -229,6 +229,10 @@ def test_shell_chain_on_a_tiny_set(fairface, tmp_path):
     rows = json.load(open(str(models / 'chain_table.json')))['rows']
     assert [r['step'] for r in rows] == ['pretrained', 'step1', 'step2', 'step3', 'hard1', 'hard2']
     assert all(0.0 <= r['summary']['auc'] <= 1.0 for r in rows)
+    # SEED reaches every training step and the chain table's bootstrap
+    for run in ('fairface-step1', 'fairface-step2', 'fairface-step3', 'hard-sample-step1', 'hard-sample-step2'):
+        assert json.load(open(str(models / run / 'model-resume.json')))['seed'] == 7, run
+    assert {c['stamp'][-1] for r in rows for c in r.get('changes', {}).values()} == {7}
     group = json.load(open(str(models / 'fairface-step2' / 'protected_group.json')))['group']
     step3_log = open(str(models / 'fairface-step3' / 'train.log')).read()
     assert f"group '{group}'" in step3_log

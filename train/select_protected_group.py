@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument('--table', default='', help='also record the numbers as a row of this chain table '
                                                '(PREFIX.json and PREFIX.md)')
     p.add_argument('--step', default='', help='the row name in --table')
+    p.add_argument('--seed', type=int, default=0, help="seed of the chain table's bootstrap resamples")
     add_device_args(p)
     return p.parse_args(argv)
 
@@ -61,7 +62,7 @@ def main(argv=None):
     print(f'most discriminated group ({args.criterion}): {choice["group"]} {choice["codes"]}; wrote {args.out}')
     if args.table:
         print(append_chain_row(args.table, args.step, choice['model'], result, predictions=predictions,
-                               val_dir=args.val_dir), end='')
+                               val_dir=args.val_dir, seed=args.seed), end='')
         print(f'wrote {args.table}.json, {args.table}.md')
 
 
