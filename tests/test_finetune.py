@@ -153,8 +153,8 @@ def test_selection_finds_a_planted_bias(fairface, tmp_path, planted):
     for criterion in WORST_GROUP_CRITERIA:
         choice = chain.choose_group(result, criterion)
         assert choice['group'] == planted, criterion
-    groups = choice['groups']
-    assert min(groups, key=lambda g: groups[g]['auc']) == planted
+    per_group = choice['groups']
+    assert min(per_group, key=lambda g: per_group[g]['auc']) == planted
     write_json(out, choice)
     ds = FaceRecordDataset(os.path.join(fairface, 'train.rec'))
     assert groups.select_identities(ds, 'auto', models_root=str(tmp_path / 'models'), log=lambda m: None) \
