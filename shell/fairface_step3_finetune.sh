@@ -15,7 +15,7 @@ else
     python train/select_protected_group.py --model "$FROM" --val-dir "$VAL_DIR" --out "$CHOICE" \
       --aligned-dir "$MODELS_ROOT/val_aligned" --ctx "$CTX"
   fi
-  GROUP="$(python -c 'import sys; from recognition.finetune import read_group_choice as r; print(r(sys.argv[1]))' "$CHOICE")"
+  GROUP="$(python -c 'import sys; from recognition.groups import read_group_choice as r; print(r(sys.argv[1]))' "$CHOICE")"
   SPEC="auto:$CHOICE"
   echo "[step3] read the group choice $GROUP from $CHOICE"
 fi

@@ -11,7 +11,9 @@ from sklearn.metrics import roc_auc_score
 
 from recognition.evaluation.bootstrap import (WeightedEvaluation, bootstrap, compare, subject_counts,
                                               value_at)
-from recognition.evaluation.fairness import ATTRIBUTES, evaluate_pairs, legitimate_cells, make_pairs
+from recognition.evaluation.chain import append_chain_row
+from recognition.evaluation.fairness import evaluate_pairs, legitimate_cells, make_pairs
+from recognition.groups import ATTRIBUTES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -269,7 +271,6 @@ def test_cli_warns_about_extra_predictions_and_reproduces_intervals(tmp_path):
 
 
 def test_chain_table_shows_paired_changes(tmp_path):
-    from recognition.finetune import append_chain_row
     val = tmp_path / 'val'
     val.mkdir()
     meta, a, b, labels, scores = identities(seed=6, n_subjects=40, n_pairs=2000)

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from easydict import EasyDict
 
-from recognition import checkpoint, finetune
+from recognition import checkpoint, groups, hard_samples
 from recognition.config import generate_config
 from recognition.data.dataset import FaceRecordDataset
 from recognition.data.lst import LstItem, read_lst, write_lst
 from recognition.data.record import KNOWN_CODES, IdentityRecordWriter
 from recognition.data.demo_sets import DemoSizes, build_demo
+from recognition.evaluation import chain
 from recognition.evaluation.ensemble import read_pairs_csv, write_predictions
 from recognition.evaluation.fairness import WORST_GROUP_CRITERIA, evaluate_predictions
 from recognition.losses import build_head
@@ -110,19 +111,23 @@ def test_group_specs_resolve_to_codes(fairface, tmp_path):
     ds = FaceRecordDataset(os.path.join(fairface, 'train.rec'))
     want = {'gender': 0, 'skin_colour': 1}
     for spec in ('dark_female', 'dark female', 'gender=0,skin_colour=1', 'GENDER=female,skin=dark', '1'):
-        assert finetune.parse_group(spec, ds.attribute_names, ds.attribute_codes) == want
-    assert finetune.parse_group('3', ds.attribute_names, ds.attribute_codes) == {'gender': 1, 'skin_colour': 1}
+        assert groups.parse_group(spec, ds.attribute_names, ds.attribute_codes) == want
+    assert groups.parse_group('3', ds.attribute_names, ds.attribute_codes) == {'gender': 1, 'skin_colour': 1}
     for bad in ('purple', 'gender=robot', '7', 'height=2'):
         with pytest.raises(UserError):
-            finetune.parse_group(bad, ds.attribute_names, ds.attribute_codes)
-    ids = finetune.select_identities(ds, 'dark_female', log=lambda m: None)
+            groups.parse_group(bad, ds.attribute_names, ds.attribute_codes)
+    # The seed's integer is gender*2 + skin_colour, a parsing rule over the one group order.
+    seed_order = [groups.parse_group(str(i), ds.attribute_names, ds.attribute_codes) for i in range(4)]
+    assert [groups.group_name(c['gender'], c['skin_colour']) for c in seed_order] == \
+        ['light_female', 'dark_female', 'light_male', 'dark_male']
+    ids = groups.select_identities(ds, 'dark_female', log=lambda m: None)
     assert ids and all(ds.identity_attributes(i)[0] == 0 and ds.identity_attributes(i)[1] == 1 for i in ids)
     # A rec without dark-skinned women: an empty group is an error, not "train on everything".
     with IdentityRecordWriter(str(tmp_path / 'men'), attribute_names=['gender', 'skin_colour'],
                               attribute_codes=KNOWN_CODES) as w:
         w.add_identity(0, [(ds.read_raw(0)[0], 1, [1, 1])])
     with pytest.raises(UserError, match='no identity of the protected group'):
-        finetune.select_identities(FaceRecordDataset(str(tmp_path / 'men.rec')), 'dark_female')
+        groups.select_identities(FaceRecordDataset(str(tmp_path / 'men.rec')), 'dark_female')
 
 
 @pytest.mark.parametrize('planted', ['dark_female', 'light_male'])
@@ -146,14 +151,14 @@ def test_selection_finds_a_planted_bias(fairface, tmp_path, planted):
     os.makedirs(os.path.dirname(out))
     result = evaluate_predictions(predictions, os.path.join(val, 'ground_truth.csv'), os.path.join(val, 'metadata.csv'))
     for criterion in WORST_GROUP_CRITERIA:
-        choice = finetune.choose_group(result, criterion)
+        choice = chain.choose_group(result, criterion)
         assert choice['group'] == planted, criterion
-    groups = choice['groups']
-    assert min(groups, key=lambda g: groups[g]['auc']) == planted
+    per_group = choice['groups']
+    assert min(per_group, key=lambda g: per_group[g]['auc']) == planted
     write_json(out, choice)
     ds = FaceRecordDataset(os.path.join(fairface, 'train.rec'))
-    assert finetune.select_identities(ds, 'auto', models_root=str(tmp_path / 'models'), log=lambda m: None) \
-        == finetune.select_identities(ds, planted, log=lambda m: None)
+    assert groups.select_identities(ds, 'auto', models_root=str(tmp_path / 'models'), log=lambda m: None) \
+        == groups.select_identities(ds, planted, log=lambda m: None)
 
 
 def test_mining_finds_the_planted_mistakes(tmp_path):
@@ -183,11 +188,11 @@ def test_mining_finds_the_planted_mistakes(tmp_path):
                                              **{'aux:' + k: v for k, v in aux.items()}})
     with_fc7(emb)   # every image is classified correctly: nothing to mine, nothing written
     with pytest.raises(UserError, match='no hard samples'):
-        finetune.mine_hard_samples(prefix + ',1', src + '.rec', out, log=lambda m: None)
+        hard_samples.mine_hard_samples(prefix + ',1', src + '.rec', out, log=lambda m: None)
     assert not os.path.exists(os.path.dirname(out))
 
     with_fc7(emb[[0, 1, 3, 2, 4]])
-    report = finetune.mine_hard_samples(prefix + ',1', src + '.rec', out, log=lambda m: None)
+    report = hard_samples.mine_hard_samples(prefix + ',1', src + '.rec', out, log=lambda m: None)
     assert (report['misclassified'], report['hard_identities'], report['images_written']) == (5, 2, 5)
     assert report['groups']['dark_female']['hard_identities'] == 1
     assert report['groups']['dark_male']['misclassified'] == 3
@@ -200,7 +205,7 @@ def test_mining_finds_the_planted_mistakes(tmp_path):
     assert json.load(open(out + '.report.json'))['hard_identities'] == 2
     with_fc7(emb[:3])   # a classifier for fewer classes than the rec has
     with pytest.raises(UserError, match='fc7 has 3 classes'):
-        finetune.mine_hard_samples(prefix + ',1', src + '.rec', str(tmp_path / 'other'), log=lambda m: None)
+        hard_samples.mine_hard_samples(prefix + ',1', src + '.rec', str(tmp_path / 'other'), log=lambda m: None)
 
 
 def run_script(name, env, *args):

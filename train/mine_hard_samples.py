@@ -10,7 +10,7 @@ and their spread over the protected groups.
 """
 import argparse
 
-from recognition.finetune import format_hard_report, mine_hard_samples
+from recognition.hard_samples import format_hard_report, mine_hard_samples
 from recognition.utils import add_device_args, parse_contexts, run_cli
 
 

@@ -11,8 +11,9 @@ behind the choice to a JSON that `train/train.py --selected-attributes auto[:fil
 import argparse
 import os
 
+from recognition.evaluation.chain import append_chain_row, choose_group, evaluate_checkpoint
 from recognition.evaluation.fairness import WORST_GROUP_CRITERIA, evaluate_predictions
-from recognition.finetune import GROUP_FILE, append_chain_row, choose_group, evaluate_checkpoint
+from recognition.groups import GROUP_FILE
 from recognition.utils import UserError, add_device_args, parse_contexts, run_cli, write_json
 
 

@@ -20,8 +20,9 @@ from recognition.alignment.geometry import norm_crop
 from recognition.data.bin import write_bin
 from recognition.data.lst import dir_to_lst, write_lst
 from recognition.data.packer import codes_path, pack, write_codes
-from recognition.data.synthetic_faces import (ATTRIBUTE_CODES, GROUP_NAMES, GROUPS, render_aligned, render_photo,
+from recognition.data.synthetic_faces import (ATTRIBUTE_CODES, GROUPS, render_aligned, render_photo,
                                               sample_identity, sample_variation)
+from recognition.groups import group_label, group_name
 from recognition.utils import UserError, atomic_open, write_json
 from recognition.worker_pool import spawn_pool
 
@@ -180,7 +181,7 @@ def make_pairs(rng, first, second, group_of, num_pairs, same_group=0.8):
 def _group_table(idents, counts=None):
     rows = {}
     for i, ident in enumerate(idents):
-        r = rows.setdefault(GROUP_NAMES[ident.group], [0, 0])
+        r = rows.setdefault(group_label(group_name(*ident.group)), [0, 0])
         r[0] += 1
         r[1] += counts[i] if counts is not None else 0
     return {name: {'identities': r[0], 'images': r[1]} for name, r in sorted(rows.items())}

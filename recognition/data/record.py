@@ -21,13 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from recognition.groups import GENDER, GENDER_NAMES, SKIN, SKIN_NAMES
 from recognition.utils import UserError, atomic_open, atomic_path, write_json
 
 # The codes the FairFace challenge uses; the sidecar records them so label[2:] is self-describing.
-KNOWN_CODES = {
-    'gender': {0: 'female', 1: 'male'},
-    'skin_colour': {0: 'light', 1: 'dark'},
-}
+KNOWN_CODES = {GENDER: dict(enumerate(GENDER_NAMES)), SKIN: dict(enumerate(SKIN_NAMES))}
 
 _MAGIC = 0xced7230a
 _MAGIC_BYTES = struct.pack('<I', _MAGIC)

@@ -19,23 +19,22 @@ import cv2
 import numpy as np
 
 from recognition.alignment.geometry import norm_crop, template
+from recognition.groups import GENDER_COLUMN, GENDER_NAMES, SKIN_COLUMN, SKIN_NAMES
 
-# Attribute codes (the architecture's contract): GENDER 0 female, 1 male; SKIN_COLOUR 0 light, 1 dark.
-GENDERS = ('female', 'male')
-SKIN_COLOURS = ('light', 'dark')
 AGE_GROUPS = ('18-34', '35-54', '55+')
 HEAD_POSES = ('frontal', 'non-frontal')   # non-frontal: |yaw| >= 25 degrees
 SOURCES = ('still', 'video-frame')        # video frames are blurrier and noisier
 GLASSES = ('no', 'yes')
 # What each attribute column's integer codes mean; written beside every attribute CSV (codes_path),
 # from where the packer copies them into the rec's attributes sidecar.
-ATTRIBUTE_CODES = {'GENDER': dict(enumerate(GENDERS)), 'SKIN_COLOUR': dict(enumerate(SKIN_COLOURS)),
+ATTRIBUTE_CODES = {GENDER_COLUMN: dict(enumerate(GENDER_NAMES)), SKIN_COLUMN: dict(enumerate(SKIN_NAMES)),
                    'AGE': dict(enumerate(AGE_GROUPS)), 'GLASSES': dict(enumerate(GLASSES)),
                    'HEAD_POSE': dict(enumerate(HEAD_POSES)), 'SOURCE': dict(enumerate(SOURCES))}
 
-# Protected groups as (gender, skin) in a fixed order; dark female is the planted minority.
+# Protected groups as (gender, skin) codes in the order the demo sets deal identities out (the demo's
+# bits depend on it; the groups' index order is `recognition.groups.GROUPS`); dark female is the planted
+# minority.
 GROUPS = ((1, 0), (0, 0), (1, 1), (0, 1))
-GROUP_NAMES = {(1, 0): 'light male', (0, 0): 'light female', (1, 1): 'dark male', (0, 1): 'dark female'}
 MINORITY = (0, 1)
 # Identity parameters of the minority are drawn with this fraction of the usual spread.
 MINORITY_SPREAD = 0.5
@@ -268,7 +267,7 @@ def sample_variation(ident, rng, pose='any'):
         clothes_bgr=_bgr(rng.uniform(20, 235, 3)),
         seed=int(rng.integers(2 ** 31)),
     )
-    var.attributes = {'GENDER': ident.gender, 'SKIN_COLOUR': ident.skin, 'AGE': age_group(age),
+    var.attributes = {GENDER_COLUMN: ident.gender, SKIN_COLUMN: ident.skin, 'AGE': age_group(age),
                       'GLASSES': int(glasses), 'HEAD_POSE': int(abs(yaw) >= 25), 'SOURCE': source}
     return var
 

@@ -20,8 +20,8 @@ Replicates go in chunks (the rows of a replicates x pairs integer matrix).
 import numpy as np
 from scipy import sparse
 
-from recognition.evaluation.fairness import (ATTRIBUTES, FAR_TARGETS, FMR_TARGET, Ranked, legitimate_cells,
-                                             legitimate_counts)
+from recognition.evaluation.fairness import FAR_TARGETS, FMR_TARGET, Ranked, legitimate_cells, legitimate_counts
+from recognition.groups import ATTRIBUTES
 from recognition.utils import UserError
 
 REPLICATES = 1000

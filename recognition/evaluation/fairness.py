@@ -8,7 +8,7 @@ is the organisers' per-cell AUC with our aggregation. Their intervals: `bootstra
 Groups: for each protected attribute (gender; skin colour; their combination) a pair belongs to group g
 when *both* images are in g. Mixed pairs (e.g. a female-male impostor pair) count in the global accuracy
 but in no group of that attribute; their number is reported. (d)'s cells also need both images to share
-every legitimate value.
+every legitimate value. The group names, codes and their index order: `recognition.groups`.
 """
 import logging
 from dataclasses import dataclass
@@ -16,24 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from recognition.evaluation.pairs_csv import read_labels, read_scores
+from recognition.groups import ATTRIBUTES, GENDER_COLUMN, GENDER_SKIN, SKIN_COLUMN, group_index
 from recognition.utils import UserError
 
 log = logging.getLogger(__name__)
 
-GENDER = {0: 'female', 1: 'male'}
-SKIN = {0: 'light', 1: 'dark'}
-# Each protected attribute: (group names, function of the per-image codes -> group index or -1).
-ATTRIBUTES = {
-    'gender': ['female', 'male'],
-    'skin': ['light', 'dark'],
-    'gender_skin': ['light_female', 'light_male', 'dark_female', 'dark_male'],
-}
-# The codes of every group, for tools that select training data by group (e.g. the finetune chain).
-GROUP_CODES = {
-    'female': {'GENDER': 0}, 'male': {'GENDER': 1}, 'light': {'SKIN_COLOUR': 0}, 'dark': {'SKIN_COLOUR': 1},
-    'light_female': {'SKIN_COLOUR': 0, 'GENDER': 0}, 'light_male': {'SKIN_COLOUR': 0, 'GENDER': 1},
-    'dark_female': {'SKIN_COLOUR': 1, 'GENDER': 0}, 'dark_male': {'SKIN_COLOUR': 1, 'GENDER': 1},
-}
 LEGITIMATE = ('AGE', 'GLASSES', 'HEAD_POSE', 'SOURCE', 'BOUNDING_BOX_SIZE')
 FAR_TARGETS = (1e-3, 1e-4)
 FMR_TARGET = 1e-3
@@ -62,7 +49,7 @@ def _read_metadata(path):
     if not lines:
         raise UserError(f'{path}: empty file')
     header = [h.strip() for h in lines[0].split(',')]
-    for col in ('TEMPLATE_ID', 'GENDER', 'SKIN_COLOUR'):
+    for col in ('TEMPLATE_ID', GENDER_COLUMN, SKIN_COLUMN):
         if col not in header:
             raise UserError(f'{path}: header lacks {col} (got {lines[0]!r})')
     rows = [[v.strip() for v in line.split(',')] for line in lines[1:]]
@@ -110,11 +97,11 @@ def _levels(values):
 
 def make_pairs(scores, labels, meta_rows1, meta_rows2, metadata, path='metadata'):
     """`Pairs` from scores, labels and the metadata rows of both images of every pair."""
-    gender = _codes(metadata['GENDER'], 'GENDER', path)
-    skin = _codes(metadata['SKIN_COLOUR'], 'SKIN_COLOUR', path)
-    combo = np.where((gender >= 0) & (skin >= 0), skin * 2 + gender, -1)
+    gender = _codes(metadata[GENDER_COLUMN], GENDER_COLUMN, path)
+    skin = _codes(metadata[SKIN_COLUMN], SKIN_COLUMN, path)
+    combo = np.where((gender >= 0) & (skin >= 0), group_index(gender, skin), -1)
     groups = {}
-    for attr, codes in (('gender', gender), ('skin', skin), ('gender_skin', combo)):
+    for attr, codes in (('gender', gender), ('skin', skin), (GENDER_SKIN, combo)):
         a, b = codes[meta_rows1], codes[meta_rows2]
         groups[attr] = np.where(a == b, a, -1)
     legitimate = {}

@@ -9,7 +9,8 @@ import os
 import numpy as np
 
 from recognition.evaluation.bootstrap import value_at
-from recognition.evaluation.fairness import ATTRIBUTES, Ranked, group_roc
+from recognition.evaluation.fairness import Ranked, group_roc
+from recognition.groups import ATTRIBUTES
 from recognition.utils import atomic_open, atomic_path, write_json
 
 ATTR_TITLES = {'gender': 'gender', 'skin': 'skin colour', 'gender_skin': 'gender x skin colour'}

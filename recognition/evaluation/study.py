@@ -1,15 +1,15 @@
 """A multi-seed study of the finetune chain: every step's numbers over the seeds (mean and spread), and
 per seed the paired bootstrap change of the last step against the ones it should improve on.
 
-The point values and the paired changes are those of the chain table (`finetune.CHANGE_MEASURES`,
+The point values and the paired changes are those of the chain table (`chain.CHANGE_MEASURES`,
 `bootstrap.compare`), so a study row and a chain-table row of the same model agree. The seeds' runs share
 the validation pairs; each seed's comparison uses its own models' scores under the same identity resamples.
 """
 import numpy as np
 
 from recognition.evaluation.bootstrap import compare, value_at
+from recognition.evaluation.chain import CHANGE_MEASURES
 from recognition.evaluation.fairness import evaluate_pairs, load_pairs
-from recognition.finetune import CHANGE_MEASURES
 
 
 def _fmt(v, digits=4):

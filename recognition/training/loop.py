@@ -142,7 +142,7 @@ class TrainingSession:
         # The identity subset to train on (all when None); the loader samples only these.
         self.identities = None
         if opts.get('selected_attributes'):
-            from ..finetune import select_identities
+            from ..groups import select_identities
             self.identities = select_identities(self.dataset, opts.selected_attributes,
                                                 opts.get('models_root', '.'), log=self.log.info)
         self.loader = None
