@@ -181,6 +181,16 @@ def update_changes(table, rows, replicates=REPLICATES, seed=0):
         del r['_table']
 
 
+def change_cell(v):
+    """One paired change as the tables print it: `+0.0150 [-0.0023, +0.0338]`, `*` when the interval excludes 0."""
+    if v['difference'] is None:
+        return 'n/a'
+    if v['interval'] is None:
+        return f'{v["difference"]:+.4f} [n/a]'
+    lo, hi = v['interval']
+    return f'{v["difference"]:+.4f} [{lo:+.4f}, {hi:+.4f}]' + ('*' if v['excludes_0'] else '')
+
+
 def changes_markdown(rows):
     """Each step's change against the previous step and the pretrained model, with 95% paired bootstrap
     intervals; `*` marks a change whose interval excludes 0."""
@@ -191,16 +201,8 @@ def changes_markdown(rows):
             c = r.get('changes', {}).get(kind)
             if not c:
                 continue
-            cells = [r['step'], f'{c["against"]} ({kind})']
-            for label, _ in CHANGE_MEASURES:
-                v = c['values'][label]
-                if v['difference'] is None:
-                    cells.append('n/a')
-                elif v['interval'] is None:
-                    cells.append(f'{v["difference"]:+.4f} [n/a]')
-                else:
-                    lo, hi = v['interval']
-                    cells.append(f'{v["difference"]:+.4f} [{lo:+.4f}, {hi:+.4f}]' + ('*' if v['excludes_0'] else ''))
+            cells = [r['step'], f'{c["against"]} ({kind})'] + [change_cell(c['values'][label])
+                                                               for label, _ in CHANGE_MEASURES]
             lines.append('| ' + ' | '.join(cells) + ' |')
     if len(lines) == 2:
         return ''

@@ -8,12 +8,8 @@ the validation pairs; each seed's comparison uses its own models' scores under t
 import numpy as np
 
 from recognition.evaluation.bootstrap import compare, value_at
-from recognition.evaluation.chain import CHANGE_MEASURES
+from recognition.evaluation.chain import CHANGE_MEASURES, change_cell
 from recognition.evaluation.fairness import evaluate_pairs, load_pairs
-
-
-def _fmt(v, digits=4):
-    return 'n/a' if v is None else f'{v:.{digits}f}'
 
 
 def run_study(runs, ground_truth, metadata, against, replicates=1000, seed=0):
@@ -60,17 +56,7 @@ def study_markdown(study):
                       f'({study["replicates"]} replicates; * = the interval excludes 0)', '',
                   '| seed | ' + ' | '.join(labels) + ' |', '|' + '---|' * (len(labels) + 1)]
         for name, change in per_seed.items():
-            cells = []
-            for label in labels:
-                v = change[label]
-                if v['difference'] is None:
-                    cells.append('n/a')
-                elif v['interval'] is None:
-                    cells.append(f'{v["difference"]:+.4f} [n/a]')
-                else:
-                    lo, hi = v['interval']
-                    cells.append(f'{v["difference"]:+.4f} [{lo:+.4f}, {hi:+.4f}]' + ('*' if v['excludes_0'] else ''))
-            lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+            lines.append(f'| {name} | ' + ' | '.join(change_cell(change[label]) for label in labels) + ' |')
         excluded = {label: sum(bool(c[label]['excludes_0']) for c in per_seed.values()) for label in labels}
         lines += ['', 'interval excludes 0 in: ' + ', '.join(f'{label} {k}/{len(per_seed)}'
                                                            for label, k in excluded.items())]
