@@ -151,17 +151,6 @@ def load_embedder(prefix, epoch, layer='fc1_output', ctx=None, bgr=False, input_
                     batch_size=batch_size, name=name or f'{prefix},{int(epoch)}')
 
 
-def parse_model_ref(ref):
-    """insightface's `prefix,epoch[|epoch2...]` -> (prefix, [epochs])."""
-    prefix, sep, epochs = ref.rpartition(',')
-    try:
-        if not sep or not prefix:
-            raise ValueError
-        return prefix, [int(e) for e in epochs.split('|')]
-    except ValueError:
-        raise UserError(f'--model {ref!r}: expected prefix,epoch[|epoch2...]') from None
-
-
 def read_model_json(path):
     """The validated `model.json` of a model folder, with defaults filled in."""
     meta_path = os.path.join(path, 'model.json')
@@ -189,9 +178,10 @@ def model_dir_spec(path):
 
 def model_spec(ref):
     """`load_embedder`'s model arguments for a model folder or one `prefix,epoch` (fc1_output, RGB, raw)."""
+    from recognition.checkpoint import parse_pretrained
     if os.path.isdir(ref):
         return model_dir_spec(ref)
-    prefix, epochs = parse_model_ref(ref)
+    prefix, epochs = parse_pretrained(ref, '--model', several=True)
     if len(epochs) != 1:
         raise UserError(f'--model {ref!r}: give one epoch')
     return dict(prefix=prefix, epoch=epochs[0], layer='fc1_output', bgr=False, input_scale='raw',

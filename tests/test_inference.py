@@ -5,8 +5,9 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from recognition.checkpoint import parse_pretrained
 from recognition.inference import (extract_features, find_model_dirs, load_embedder, load_model_dir, model_spec,
-                                   parse_model_ref, template_images)
+                                   template_images)
 from recognition.utils import UserError
 
 
@@ -109,9 +110,9 @@ def test_model_dir_and_errors(ckpt, tmp_path):
         load_embedder(ckpt, 3, layer='nope_output')
     with pytest.raises(UserError, match='not found'):
         load_embedder(ckpt, 7)
-    with pytest.raises(UserError, match='prefix,epoch'):
-        parse_model_ref('model-only')
-    assert parse_model_ref('a/b,model,1|2') == ('a/b,model', [1, 2])
+    with pytest.raises(UserError, match=r"--model 'model-only': expected prefix,epoch\[\|epoch2"):
+        parse_pretrained('model-only', '--model', several=True)
+    assert parse_pretrained('a/b,model,1|2', '--model', several=True) == ('a/b,model', [1, 2])
     with pytest.raises(UserError, match='cannot read image'):
         extract_features([emb], [str(tmp_path / 'missing.jpg')])
 
