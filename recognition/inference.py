@@ -6,7 +6,9 @@ Images enter as RGB 0..255 (the project convention); `bgr` and `input_scale` ada
 trained otherwise. A model folder (`final_eval_models/<name>/`) holds the checkpoint and `model.json`.
 """
 import collections
+import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -14,10 +16,11 @@ import numpy as np
 from sklearn.preprocessing import normalize
 
 from recognition.data.lst import list_images
-from recognition.utils import UserError, read_json
+from recognition.utils import UserError, is_disk_full, no_space_error, read_json
 
 INPUT_SCALES = ('raw', 'normalized', 'unit')
 MODEL_JSON_KEYS = {'prefix', 'epoch', 'layer', 'color', 'input_scale'}
+MODEL_FOLDER_PREFIX = 'model'
 
 
 class Embedder:
@@ -166,6 +169,51 @@ def read_model_json(path):
     if meta['input_scale'] not in INPUT_SCALES:
         raise UserError(f'{meta_path}: "input_scale" must be one of {INPUT_SCALES}')
     return meta
+
+
+def write_model_json(folder, epoch):
+    """The `model.json` of a model folder holding our checkpoint `model-NNNN` (fc1_output, RGB, raw input)."""
+    meta = {'prefix': MODEL_FOLDER_PREFIX, 'epoch': int(epoch), 'layer': 'fc1_output', 'color': 'rgb',
+            'input_scale': 'raw'}
+    with open(os.path.join(folder, 'model.json'), 'w') as f:
+        f.write(json.dumps(meta) + '\n')
+
+
+def install_model(run_dir, name, final_dir):
+    """Copy the checkpoint `run_dir/latest` points to into the model folder `final_dir/name`
+    (model-symbol.json, model-NNNN.params, model.json). Returns (folder, prefix, epoch).
+
+    The folder is built as `final_dir/.name.tmp` (model.json last) and swapped in, the previous one moved
+    to `name.old` and removed after: the harness finds a whole model under `name` or, after a crash
+    mid-swap, none (never half of one).
+    """
+    from recognition.checkpoint import checkpoint_files, read_latest
+    if not name or name != os.path.basename(name) or name.startswith('.'):
+        raise UserError(f'{name!r}: a model name is one folder name, not starting with a dot')
+    prefix, epoch = read_latest(run_dir)
+    symbol, params = checkpoint_files(prefix, epoch)
+    for path in (symbol, params):
+        if not os.path.isfile(path):
+            raise UserError(f'{path}: checkpoint file not found (named by {os.path.join(run_dir, "latest")})')
+    dest = os.path.join(final_dir, name)
+    tmp, old = os.path.join(final_dir, f'.{name}.tmp'), dest + '.old'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        shutil.copyfile(symbol, os.path.join(tmp, f'{MODEL_FOLDER_PREFIX}-symbol.json'))
+        shutil.copyfile(params, os.path.join(tmp, '%s-%04d.params' % (MODEL_FOLDER_PREFIX, epoch)))
+        write_model_json(tmp, epoch)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise no_space_error(dest, os.path.getsize(symbol) + os.path.getsize(params)) from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(dest):
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest, prefix, epoch
 
 
 def model_dir_spec(path):
