@@ -142,6 +142,8 @@ def load_checkpoint(prefix, epoch):
 def load_symbol(path):
     """`mx.sym.load` with a one-line error naming `path`. The JSON is parsed here first: MXNet's reader
     reports a truncated file as a UnicodeDecodeError."""
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: checkpoint file not found')
     try:
         with open(path, encoding='utf-8') as f:
             text = f.read()

@@ -22,8 +22,6 @@ def attribute_heads(prefix):
     """{attribute: (output layer, class names or None)} of `prefix-symbol.json`; UserError if it has none."""
     from ..checkpoint import load_symbol
     path = f'{prefix}-symbol.json'
-    if not os.path.isfile(path):
-        raise UserError(f'{path}: checkpoint file not found')
     sym = load_symbol(path)
     internals = sym.get_internals()
     heads = {}
