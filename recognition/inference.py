@@ -200,8 +200,8 @@ def install_model(run_dir, name, final_dir):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        shutil.copyfile(symbol, os.path.join(tmp, f'{MODEL_FOLDER_PREFIX}-symbol.json'))
-        shutil.copyfile(params, os.path.join(tmp, '%s-%04d.params' % (MODEL_FOLDER_PREFIX, epoch)))
+        for source, target in zip((symbol, params), checkpoint_files(os.path.join(tmp, MODEL_FOLDER_PREFIX), epoch)):
+            shutil.copyfile(source, target)
         write_model_json(tmp, epoch)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
