@@ -142,6 +142,8 @@ def load_checkpoint(prefix, epoch):
 def load_symbol(path):
     """`mx.sym.load` with a one-line error naming `path`. The JSON is parsed here first: MXNet's reader
     reports a truncated file as a UnicodeDecodeError."""
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: checkpoint file not found')
     try:
         with open(path, encoding='utf-8') as f:
             text = f.read()
@@ -167,12 +169,17 @@ def _load_arrays(path, what):
     return arrays
 
 
-def parse_pretrained(ref):
-    """`prefix,epoch` -> (prefix, epoch)."""
-    prefix, sep, epoch = ref.rpartition(',')
-    if not sep or not prefix or not epoch.strip().isdigit():
-        raise UserError(f'--pretrained {ref!r}: expected prefix,epoch (e.g. models/r100-arcface-emore/model,1)')
-    return prefix, int(epoch)
+def parse_pretrained(ref, option='--pretrained', several=False):
+    """insightface's `prefix,epoch` -> (prefix, epoch): the one parser of model references (`--pretrained`,
+    `--model`, `latest` pointers). several=True also takes `prefix,epoch1|epoch2...` (test/verification.py)
+    and returns (prefix, [epochs]). `option` names the argument in the one-line error."""
+    prefix, sep, tail = ref.rpartition(',')
+    epochs = tail.split('|') if several else [tail]
+    if not sep or not prefix or not all(e.strip().isdigit() for e in epochs):
+        form = 'prefix,epoch[|epoch2...]' if several else 'prefix,epoch'
+        raise UserError(f'{option} {ref!r}: expected {form} (e.g. models/r100-arcface-emore/model,1)')
+    epochs = [int(e) for e in epochs]
+    return (prefix, epochs) if several else (prefix, epochs[0])
 
 
 def load_pretrained(net, head, prefix, epoch, log=print):

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from recognition.checkpoint import load_checkpoint
+from recognition.checkpoint import checkpoint_files, load_checkpoint
 from recognition.utils import UserError, atomic_path
 
 
@@ -38,7 +38,7 @@ def embedding_graph(prefix, epoch):
     params = {k: v for k, v in {**arg, **aux}.items() if k in needed}
     missing = sorted(needed - set(params) - {'data'})
     if missing:
-        raise UserError('%s: the checkpoint lacks %s' % ('%s-%04d.params' % (prefix, epoch), missing[0]))
+        raise UserError('%s: the checkpoint lacks %s' % (checkpoint_files(prefix, epoch)[1], missing[0]))
     return sym, params
 
 

@@ -6,7 +6,9 @@ Images enter as RGB 0..255 (the project convention); `bgr` and `input_scale` ada
 trained otherwise. A model folder (`final_eval_models/<name>/`) holds the checkpoint and `model.json`.
 """
 import collections
+import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -14,10 +16,11 @@ import numpy as np
 from sklearn.preprocessing import normalize
 
 from recognition.data.lst import list_images
-from recognition.utils import UserError, read_json
+from recognition.utils import UserError, is_disk_full, no_space_error, read_json
 
 INPUT_SCALES = ('raw', 'normalized', 'unit')
 MODEL_JSON_KEYS = {'prefix', 'epoch', 'layer', 'color', 'input_scale'}
+MODEL_FOLDER_PREFIX = 'model'
 
 
 class Embedder:
@@ -151,17 +154,6 @@ def load_embedder(prefix, epoch, layer='fc1_output', ctx=None, bgr=False, input_
                     batch_size=batch_size, name=name or f'{prefix},{int(epoch)}')
 
 
-def parse_model_ref(ref):
-    """insightface's `prefix,epoch[|epoch2...]` -> (prefix, [epochs])."""
-    prefix, sep, epochs = ref.rpartition(',')
-    try:
-        if not sep or not prefix:
-            raise ValueError
-        return prefix, [int(e) for e in epochs.split('|')]
-    except ValueError:
-        raise UserError(f'--model {ref!r}: expected prefix,epoch[|epoch2...]') from None
-
-
 def read_model_json(path):
     """The validated `model.json` of a model folder, with defaults filled in."""
     meta_path = os.path.join(path, 'model.json')
@@ -179,6 +171,51 @@ def read_model_json(path):
     return meta
 
 
+def write_model_json(folder, epoch):
+    """The `model.json` of a model folder holding our checkpoint `model-NNNN` (fc1_output, RGB, raw input)."""
+    meta = {'prefix': MODEL_FOLDER_PREFIX, 'epoch': int(epoch), 'layer': 'fc1_output', 'color': 'rgb',
+            'input_scale': 'raw'}
+    with open(os.path.join(folder, 'model.json'), 'w') as f:
+        f.write(json.dumps(meta) + '\n')
+
+
+def install_model(run_dir, name, final_dir):
+    """Copy the checkpoint `run_dir/latest` points to into the model folder `final_dir/name`
+    (model-symbol.json, model-NNNN.params, model.json). Returns (folder, prefix, epoch).
+
+    The folder is built as `final_dir/.name.tmp` (model.json last) and swapped in, the previous one moved
+    to `name.old` and removed after: the harness finds a whole model under `name` or, after a crash
+    mid-swap, none (never half of one).
+    """
+    from recognition.checkpoint import checkpoint_files, read_latest
+    if not name or name != os.path.basename(name) or name.startswith('.'):
+        raise UserError(f'{name!r}: a model name is one folder name, not starting with a dot')
+    prefix, epoch = read_latest(run_dir)
+    symbol, params = checkpoint_files(prefix, epoch)
+    for path in (symbol, params):
+        if not os.path.isfile(path):
+            raise UserError(f'{path}: checkpoint file not found (named by {os.path.join(run_dir, "latest")})')
+    dest = os.path.join(final_dir, name)
+    tmp, old = os.path.join(final_dir, f'.{name}.tmp'), dest + '.old'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        for source, target in zip((symbol, params), checkpoint_files(os.path.join(tmp, MODEL_FOLDER_PREFIX), epoch)):
+            shutil.copyfile(source, target)
+        write_model_json(tmp, epoch)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise no_space_error(dest, os.path.getsize(symbol) + os.path.getsize(params)) from None
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(dest):
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest, prefix, epoch
+
+
 def model_dir_spec(path):
     """`load_embedder`'s model arguments (prefix, epoch, layer, bgr, input_scale, name) of a model folder."""
     meta = read_model_json(path)
@@ -189,9 +226,10 @@ def model_dir_spec(path):
 
 def model_spec(ref):
     """`load_embedder`'s model arguments for a model folder or one `prefix,epoch` (fc1_output, RGB, raw)."""
+    from recognition.checkpoint import parse_pretrained
     if os.path.isdir(ref):
         return model_dir_spec(ref)
-    prefix, epochs = parse_model_ref(ref)
+    prefix, epochs = parse_pretrained(ref, '--model', several=True)
     if len(epochs) != 1:
         raise UserError(f'--model {ref!r}: give one epoch')
     return dict(prefix=prefix, epoch=epochs[0], layer='fc1_output', bgr=False, input_scale='raw',

@@ -56,19 +56,5 @@ evaluate_step() {
     --aligned-dir "$MODELS_ROOT/val_aligned" --table "$CHAIN_TABLE" --step "$1" --ctx "$CTX" --seed "$SEED"
 }
 
-# install_model RUN_DIR NAME: copy RUN_DIR's latest checkpoint to FINAL_DIR/NAME in the harness layout
-# (model-symbol.json, model-NNNN.params, model.json); model.json is written last, just before the swap.
-install_model() {
-  local ref prefix epoch dest tmp
-  ref="$(cat "$1/latest")"; prefix="${ref%,*}"; epoch="${ref##*,}"
-  dest="$FINAL_DIR/$2"; tmp="$FINAL_DIR/.$2.tmp"
-  rm -rf "$tmp" && mkdir -p "$tmp"
-  cp "$prefix-symbol.json" "$tmp/model-symbol.json"
-  cp "$(printf '%s-%04d.params' "$prefix" "$epoch")" "$tmp/$(printf 'model-%04d.params' "$epoch")"
-  printf '{"prefix": "model", "epoch": %d, "layer": "fc1_output", "color": "rgb", "input_scale": "raw"}\n' \
-    "$epoch" > "$tmp/model.json"
-  rm -rf "$dest.old"
-  if [ -e "$dest" ]; then mv "$dest" "$dest.old"; fi
-  mv "$tmp" "$dest" && rm -rf "$dest.old"
-  echo "[install] wrote $dest/ (from $ref)"
-}
+# install_model RUN_DIR NAME: RUN_DIR's latest checkpoint as the model folder FINAL_DIR/NAME, swapped in whole.
+install_model() { python train/install_model.py "$1" "$2" --final-dir "$FINAL_DIR" || exit 2; }

@@ -11,7 +11,7 @@ attributes.json, attributes.csv and confusion_<attribute>.png into --out.
 import argparse
 import os
 
-from recognition.evaluation.attributes import attribute_heads, evaluate_attributes, read_metadata
+from recognition.evaluation.attributes import attribute_heads, evaluate_attributes, metadata_codes
 from recognition.inference import load_embedder, model_spec, template_images
 from recognition.utils import UserError, add_device_args, parse_contexts, run_cli
 
@@ -44,7 +44,7 @@ def main(argv=None):
         if unknown:
             raise UserError(f'{prefix}-symbol.json: no attribute head {unknown[0]!r} (has {", ".join(heads)})')
         heads = {a: heads[a] for a in wanted}
-    ids, codes = read_metadata(args.metadata, list(heads))
+    ids, codes = metadata_codes(args.metadata, list(heads))
     image_dir = args.images
     if not args.already_aligned:
         from recognition.alignment.folder import align_folder

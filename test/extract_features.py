@@ -9,9 +9,9 @@ import os
 
 import numpy as np
 
+from recognition.checkpoint import parse_pretrained
 from recognition.data.lst import list_images
-from recognition.inference import (INPUT_SCALES, extract_features, load_embedder, load_models,
-                                   parse_model_ref)
+from recognition.inference import INPUT_SCALES, extract_features, load_embedder, load_models
 from recognition.utils import UserError, add_device_args, atomic_open, atomic_path, parse_contexts, run_cli
 
 
@@ -50,7 +50,7 @@ def main(argv=None):
     ctx = parse_contexts(args.gpus, args.ctx)
     embedders = load_models(args.models, ctx=ctx, batch_size=args.batch_size) if args.models else []
     for ref in args.model:
-        prefix, epochs = parse_model_ref(ref)
+        prefix, epochs = parse_pretrained(ref, '--model', several=True)
         embedders += [load_embedder(prefix, e, layer=args.layer, ctx=ctx, bgr=args.bgr,
                                     input_scale=args.input_scale, batch_size=args.batch_size,
                                     name=f'{os.path.basename(prefix)}-{e:04d}') for e in epochs]

@@ -86,3 +86,15 @@ def test_a_set_too_small_for_10_folds_is_refused(tmp_path):
         load_verification_set(path)
     with pytest.raises(UserError, match='none.bin: verification set not found'):
         load_verification_set(tmp_path / 'none.bin')
+
+
+def test_a_verification_set_loads_as_load_bin_does(tmp_path):
+    path = tmp_path / 'ok.bin'
+    issame = [True, False] * 10
+    write_bin(path, [jpeg(i) for i in range(40)], issame)
+    (data, flipped), same = load_verification_set(path, (8, 8))
+    (want, want_flipped), want_same = load_bin(str(path), (8, 8))
+    assert same == want_same == issame and data.shape == (40, 3, 8, 8)
+    np.testing.assert_array_equal(data.asnumpy(), want.asnumpy())
+    np.testing.assert_array_equal(flipped.asnumpy(), data.asnumpy()[:, :, :, ::-1])
+    assert data.asnumpy().std() > 0

@@ -102,8 +102,15 @@ def test_pretrained_from_another_network_names_the_parameter(tmp_path):
 def test_missing_checkpoint_and_bad_reference(tmp_path):
     with pytest.raises(UserError, match=r'nothing-symbol\.json: checkpoint file not found'):
         checkpoint.load_checkpoint(str(tmp_path / 'nothing'), 1)
+    with pytest.raises(UserError, match=r'nothing-symbol\.json: checkpoint file not found'):
+        checkpoint.load_symbol(str(tmp_path / 'nothing-symbol.json'))
     with pytest.raises(UserError, match='expected prefix,epoch'):
         checkpoint.parse_pretrained('models/x/model')
+    assert checkpoint.parse_pretrained('a,b/model,12') == ('a,b/model', 12)
+    with pytest.raises(UserError, match=r"--pretrained 'm,1\|2': expected prefix,epoch "):
+        checkpoint.parse_pretrained('m,1|2')   # an epoch list only where several=True
+    with pytest.raises(UserError, match=r"--model 'm,1\|x': expected prefix,epoch\[\|epoch2"):
+        checkpoint.parse_pretrained('m,1|x', '--model', several=True)
     with pytest.raises(UserError, match='no latest pointer'):
         checkpoint.read_latest(str(tmp_path))
     checkpoint.write_latest(str(tmp_path), str(tmp_path / 'model'), 3)

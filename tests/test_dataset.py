@@ -9,8 +9,9 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.data.dataset import _caption, FaceRecordDataset, batch_to_nchw, train_loader
+from recognition.data.dataset import _caption, FaceRecordDataset, batch_to_nchw, expand_rec_paths, train_loader
 from recognition.data.record import IdentityRecordWriter
+from recognition.data.shards import parse_shard, rec_order, shard_prefixes
 from recognition.data.transforms import TrainTransform, sample_rng, train_transform
 from recognition.utils import UserError
 
@@ -205,3 +206,15 @@ def test_show_record_cli(tmp_path, rec, monkeypatch):
     assert done.value.code == 0
     grid = cv2.imread(str(out))
     assert grid.shape[1] == 6 * 112 and grid.shape[0] > 112
+
+
+def test_a_shard_glob_expands_in_shard_order(tmp_path):
+    """The names shard_prefixes writes are read back by parse_shard; a glob lists them numerically."""
+    prefixes = shard_prefixes(str(tmp_path / 'train.rec'), 12)
+    assert prefixes[10] == str(tmp_path / 'train_10')
+    assert [parse_shard(p + '.rec') for p in prefixes] == [(str(tmp_path / 'train'), s) for s in range(12)]
+    assert parse_shard(str(tmp_path / 'train.rec')) is None and parse_shard('train_x.rec') is None
+    for p in reversed(prefixes):
+        open(p + '.rec', 'wb').close()
+    assert expand_rec_paths(str(tmp_path / 'train_*.rec')) == [p + '.rec' for p in prefixes]
+    assert rec_order(['b.rec', 'a_10.rec', 'a.rec', 'a_9.rec']) == ['a.rec', 'a_9.rec', 'a_10.rec', 'b.rec']

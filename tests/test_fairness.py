@@ -179,3 +179,29 @@ def test_eer_is_searched_over_every_operating_point():
     i = int(np.argmin(np.abs(1 - tpr - fpr)))
     e, t = eer(scores, labels)
     assert e == pytest.approx((fpr[i] + 1 - tpr[i]) / 2) and t == thr[i]
+
+
+def test_metadata_reader_one_line_errors_and_case(tmp_path):
+    """fairness and the attribute scores read metadata.csv through one reader: same columns, same errors."""
+    from recognition.evaluation.attributes import metadata_codes
+    from recognition.evaluation.metadata import read_metadata
+    meta = tmp_path / 'metadata.csv'
+    meta.write_text('Template_Id,gender,SKIN_COLOUR,AGE\n\na,1,0,30\n"b",0,,-1\n')
+    cols, index = read_metadata(str(meta), ('TEMPLATE_ID', 'GENDER', 'SKIN_COLOUR'))
+    assert sorted(cols) == ['AGE', 'GENDER', 'SKIN_COLOUR', 'TEMPLATE_ID'] and index == {'a': 0, 'b': 1}
+    assert list(cols['GENDER']) == ['1', '0'] and list(cols['SKIN_COLOUR']) == ['0', '']
+    ids, codes = metadata_codes(str(meta), ['gender', 'age'])
+    assert ids == ['a', 'b'] and codes['gender'].tolist() == [1, 0] and codes['age'].tolist() == [30, -1]
+    for text, error in [('', 'empty file'), ('TEMPLATE_ID,GENDER,SKIN_COLOUR\n', 'no rows'),
+                        ('TEMPLATE_ID,GENDER\na,1\n', r'header lacks SKIN_COLOUR \(got TEMPLATE_ID,GENDER\)'),
+                        ('TEMPLATE_ID,GENDER,SKIN_COLOUR\na,1,0\nb,1\n', 'row 3 has 2 fields, the header has 3'),
+                        ('TEMPLATE_ID,GENDER,SKIN_COLOUR\na,1,0\na,0,1\n',
+                         r'row 3: TEMPLATE_ID a listed twice \(first in row 2\)')]:
+        meta.write_text(text)
+        with pytest.raises(UserError, match=f'^{meta}: {error}'):
+            read_metadata(str(meta), ('TEMPLATE_ID', 'GENDER', 'SKIN_COLOUR'))
+    meta.write_text('TEMPLATE_ID,GENDER\na,1.5\n')
+    with pytest.raises(UserError, match=r"row 2: GENDER must be an integer code .* found '1\.5'"):
+        metadata_codes(str(meta), ['gender'])
+    with pytest.raises(UserError, match=r'missing\.csv: cannot read \(No such file'):
+        read_metadata(str(tmp_path / 'missing.csv'))

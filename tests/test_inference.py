@@ -1,12 +1,15 @@
 """The shared loader on a checkpoint made by plain mx.sym + mx.mod.Module (not by our trainer)."""
 import json
+import os
 
 import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.inference import (extract_features, find_model_dirs, load_embedder, load_model_dir, model_spec,
-                                   parse_model_ref, template_images)
+from recognition import checkpoint
+from recognition.checkpoint import parse_pretrained
+from recognition.inference import (extract_features, find_model_dirs, install_model, load_embedder, load_model_dir,
+                                   model_spec, template_images)
 from recognition.utils import UserError
 
 
@@ -109,9 +112,9 @@ def test_model_dir_and_errors(ckpt, tmp_path):
         load_embedder(ckpt, 3, layer='nope_output')
     with pytest.raises(UserError, match='not found'):
         load_embedder(ckpt, 7)
-    with pytest.raises(UserError, match='prefix,epoch'):
-        parse_model_ref('model-only')
-    assert parse_model_ref('a/b,model,1|2') == ('a/b,model', [1, 2])
+    with pytest.raises(UserError, match=r"--model 'model-only': expected prefix,epoch\[\|epoch2"):
+        parse_pretrained('model-only', '--model', several=True)
+    assert parse_pretrained('a/b,model,1|2', '--model', several=True) == ('a/b,model', [1, 2])
     with pytest.raises(UserError, match='cannot read image'):
         extract_features([emb], [str(tmp_path / 'missing.jpg')])
 
@@ -132,3 +135,32 @@ def test_model_spec_and_template_images(tmp_path):
     (tmp_path / '12.png').write_bytes(b'x')
     with pytest.raises(UserError, match='two images named 12'):
         template_images(str(tmp_path))
+
+
+def test_install_model_writes_what_the_shell_wrote(tmp_path):
+    """install_model's folder is byte for byte what chain_common.sh's cp/printf wrote, swaps in whole, and
+    reads back through model_dir_spec; a broken run leaves the installed model as it was."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'model-symbol.json').write_bytes(b'{"nodes": []}\n')
+    (run / 'model-0012.params').write_bytes(bytes(range(256)) * 3)
+    checkpoint.write_latest(str(run), str(run / 'model'), 12)
+    final = tmp_path / 'final'
+    (final / 'tiny').mkdir(parents=True)
+    (final / 'tiny' / 'stale.params').write_bytes(b'old')
+    dest, prefix, epoch = install_model(str(run), 'tiny', str(final))
+    assert (dest, prefix, epoch) == (str(final / 'tiny'), str(run / 'model'), 12)
+    assert sorted(os.listdir(final)) == ['tiny']
+    assert sorted(os.listdir(dest)) == ['model-0012.params', 'model-symbol.json', 'model.json']
+    assert (final / 'tiny' / 'model-symbol.json').read_bytes() == b'{"nodes": []}\n'
+    assert (final / 'tiny' / 'model-0012.params').read_bytes() == bytes(range(256)) * 3
+    assert (final / 'tiny' / 'model.json').read_bytes() == (
+        b'{"prefix": "model", "epoch": 12, "layer": "fc1_output", "color": "rgb", "input_scale": "raw"}\n')
+    assert model_spec(dest) == dict(prefix=str(final / 'tiny' / 'model'), epoch=12, layer='fc1_output', bgr=False,
+                                    input_scale='raw', name='tiny')
+    (run / 'model-0012.params').unlink()
+    with pytest.raises(UserError, match=r'model-0012\.params: checkpoint file not found \(named by .*latest\)'):
+        install_model(str(run), 'tiny', str(final))
+    assert sorted(os.listdir(dest)) == ['model-0012.params', 'model-symbol.json', 'model.json']
+    with pytest.raises(UserError, match='one folder name'):
+        install_model(str(run), '../x', str(final))

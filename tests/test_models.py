@@ -8,7 +8,7 @@ from mxnet import autograd
 
 from recognition.config import network as network_presets
 from recognition.models import (FAMILIES, FRESNET_UNITS, PReLU, get_model, get_symbol, init_params, list_models,
-                                native_prelu)
+                                native_prelu, walk_blocks)
 from recognition.utils import UserError
 
 EMB = {'r18': 512, 'r34': 512, 'r50': 512, 'r100': 512, 'y1': 128, 'demo': 128}
@@ -198,3 +198,13 @@ def test_fast_prelu_equals_leakyrelu(shape, hybrid):
     np.testing.assert_array_equal(gx1, gx0)
     np.testing.assert_allclose(gg1, gg0, rtol=1e-5, atol=1e-5)
     assert list(PReLU('stage1_unit1_relu1', 4).collect_params().keys()) == ['stage1_unit1_relu1_gamma']
+
+
+def test_walk_blocks_reaches_every_nested_block():
+    inner = mx.gluon.nn.HybridSequential(prefix='inner_')
+    with inner.name_scope():
+        inner.add(mx.gluon.nn.Dense(2), PReLU('inner_relu', 2))
+    outer = mx.gluon.nn.HybridSequential(prefix='outer_')
+    with outer.name_scope():
+        outer.add(mx.gluon.nn.Dense(3), inner, PReLU('outer_relu', 3))
+    assert list(walk_blocks(outer)) == [outer, outer[0], inner, inner[0], inner[1], outer[2]]   # depth first

@@ -21,7 +21,7 @@ def main(argv=None):
     p.add_argument('--batch-size', type=int, default=4, help='batch of the MXNet/onnxruntime check')
     p.add_argument('--tolerance', type=float, default=1e-4)
     args = p.parse_args(argv)
-    prefix, epoch = parse_pretrained(args.model)
+    prefix, epoch = parse_pretrained(args.model, '--model')
     out = args.out or '%s-%04d.onnx' % (prefix, epoch)
     diff = export_onnx(prefix, epoch, out, args.image_size, args.batch_size, args.tolerance)
     print(f'wrote {out}: onnxruntime matches MXNet to {diff:.2e} of the embedding scale '

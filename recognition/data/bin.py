@@ -77,12 +77,14 @@ def check_pairs(path, issame, nfolds=10):
 
 
 def load_verification_set(path, image_size=(112, 112), nfolds=10):
-    """`load_bin` of a set checked to be usable (`check_pairs`, every image decodes), before any model runs."""
+    """`load_bin` of a set checked to be usable (`check_pairs`, every image decodes), before any model runs:
+    the trainer's `--val-targets` and test/verification.py load their sets here."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f'{path}: verification set not found')
-    check_pairs(path, read_bin(path)[1], nfolds)
-    return load_bin(path, image_size)
+    bins, issame = read_bin(path)
+    check_pairs(path, issame, nfolds)
+    return _decode(path, bins, issame, image_size)
 
 
 def load_bin(path, image_size=(112, 112)):
@@ -90,8 +92,12 @@ def load_bin(path, image_size=(112, 112)):
 
     Images are RGB float32 0..255, resized if they are not `image_size`.
     """
+    return _decode(path, *read_bin(path), image_size)
+
+
+def _decode(path, bins, issame, image_size):
+    """`load_bin`'s arrays from the images' encoded bytes."""
     from mxnet import nd
-    bins, issame = read_bin(path)
     h, w = image_size
     data = np.empty((len(bins), 3, h, w), dtype=np.float32)
     for i, b in enumerate(bins):

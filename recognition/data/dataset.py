@@ -16,7 +16,7 @@ from mxnet.base import _LIB, check_call
 import mxnet as mx
 
 from recognition.data.record import RecordFile, check_classes, property_path, read_layout, unpack_header
-from recognition.data.shards import check_against_manifest, set_totals
+from recognition.data.shards import check_against_manifest, rec_order, set_totals
 from recognition.data.transforms import sample_rng, to_chw
 from recognition.utils import UserError
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def expand_rec_paths(paths):
-    """A rec path, a glob ('train_*.rec') or a list of either -> sorted, existing rec paths.
+    """A rec path, a glob ('train_*.rec') or a list of either -> existing rec paths, a glob's in `rec_order`.
 
     A shard whose prefix has a manifest (`recognition.data.shards`) must be one it names, at its size.
     """
@@ -33,7 +33,7 @@ def expand_rec_paths(paths):
     for p in items:
         p = os.fspath(p)
         if glob.has_magic(p):
-            found = sorted(glob.glob(p))
+            found = rec_order(glob.glob(p))
             if not found:
                 raise UserError(f'{p}: no rec file matches')
             out += found

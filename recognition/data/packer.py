@@ -25,8 +25,8 @@ import numpy as np
 from recognition.alignment.geometry import bbox_crop, norm_crop
 from recognition.data.lst import read_lst, resolve_lst_path
 from recognition.data.record import (KNOWN_CODES, IdentityRecordWriter, check_classes, property_path,
-                                     read_property, write_property)
-from recognition.data.shards import manifest_path, read_manifest, shard_prefixes, write_manifest
+                                     read_property, split_prefix, write_property)
+from recognition.data.shards import manifest_path, parse_shard, read_manifest, shard_prefixes, write_manifest
 from recognition.locking import folder_lock
 from recognition.utils import (UserError, atomic_open, check_terminated, is_disk_full, no_space_error,
                                signals_deferred)
@@ -439,9 +439,9 @@ def _check_properties(plans, image_size):
             check_classes(path, want[0], plan.num_identities, plan.num_classes - 1, plan.lst_path)
         have = read_property(path)
         if have is not None and tuple(have) != want:
-            ours = re.compile(r'^(%s)(_\d+)?\.rec$' % '|'.join(re.escape(os.path.basename(p.out_prefix))
-                                                             for p in group))
-            others = sorted(f for f in os.listdir(os.path.dirname(path)) if f.endswith('.rec') and not ours.match(f))
+            ours = {os.path.basename(p.out_prefix) for p in group}
+            others = sorted(f for f in os.listdir(os.path.dirname(path)) if f.endswith('.rec')
+                            and split_prefix(f) not in ours and (parse_shard(f) or ('',))[0] not in ours)
             if others:
                 raise UserError(f'{path}: says {",".join(map(str, have))} for {", ".join(others)}; '
                                 f'{group[0].lst_path} needs {",".join(map(str, want))}: pack it into a folder '

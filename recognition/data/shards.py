@@ -39,6 +39,19 @@ def shard_prefixes(prefix, num_shards):
     return ['%s_%d' % (split_prefix(prefix), s) for s in range(num_shards)]
 
 
+def parse_shard(path):
+    """(PREFIX, n) of a shard rec `PREFIX_<n>.rec` (the names `shard_prefixes` gives), else None."""
+    m = _SHARD.match(os.path.basename(path))
+    if not m:
+        return None
+    return os.path.join(os.path.dirname(os.fspath(path)), m.group('prefix')), int(m.group('index'))
+
+
+def rec_order(paths):
+    """Rec paths sorted by prefix, each prefix's shards in numeric order (`train_2` before `train_10`)."""
+    return sorted(paths, key=lambda p: parse_shard(p) or (split_prefix(os.fspath(p)), -1))
+
+
 def write_manifest(prefix, summaries):
     """Write `PREFIX.shards.json` from the shard writers' summaries (`IdentityRecordWriter.finish()`)."""
     shards = [{'rec': os.path.basename(s['rec']), **{k: s[k] for k in (
@@ -85,7 +98,7 @@ def _check_shard(manifest, folder, shard):
 
 def _legacy_shards(prefix, shards):
     """Shards without manifest: accepted when numbered 0..S-1 with identity ids following on."""
-    numbers = [int(_SHARD.match(os.path.basename(p)).group('index')) for p in shards]
+    numbers = [parse_shard(p)[1] for p in shards]
     if numbers != list(range(len(shards))):
         missing = sorted(set(range(len(shards))) - set(numbers))
         names = ', '.join(map(os.path.basename, shards))
@@ -146,12 +159,8 @@ def shard_set(prefix):
 
 def _numbered_shards(prefix):
     """`PREFIX_<n>.rec` files in numeric order (train_2 before train_10)."""
-    found = {}
-    for path in glob.glob(glob.escape(prefix) + '_*.rec'):
-        m = _SHARD.match(os.path.basename(path))
-        if m and m.group('prefix') == os.path.basename(prefix):
-            found[path] = int(m.group('index'))
-    return sorted(found, key=found.get)
+    return rec_order(p for p in glob.glob(glob.escape(prefix) + '_*.rec')
+                     if (parse_shard(p) or ('',))[0] == prefix)
 
 
 def set_totals(rec_paths):
@@ -159,10 +168,10 @@ def set_totals(rec_paths):
     None when the paths are not shards named by one manifest (then the recs themselves are the set)."""
     prefixes = set()
     for path in rec_paths:
-        m = _SHARD.match(os.path.basename(path))
-        if not m:
+        shard = parse_shard(path)
+        if not shard:
             return None
-        prefixes.add(os.path.join(os.path.dirname(os.fspath(path)), m.group('prefix')))
+        prefixes.add(shard[0])
     if len(prefixes) != 1:
         return None
     manifest = read_manifest(prefixes.pop())
@@ -174,10 +183,10 @@ def set_totals(rec_paths):
 def check_against_manifest(rec_paths):
     """Refuse any shard among `rec_paths` whose prefix has a manifest that does not name it at its size."""
     for path in rec_paths:
-        m = _SHARD.match(os.path.basename(path))
-        if not m or os.path.isfile(split_prefix(path) + '.lst'):
+        shard = parse_shard(path)
+        if not shard or os.path.isfile(split_prefix(path) + '.lst'):
             continue   # not a shard name, or the output of a list of its own (`train_1.lst`)
-        prefix = os.path.join(os.path.dirname(os.fspath(path)), m.group('prefix'))
+        prefix = shard[0]
         manifest = read_manifest(prefix)
         if manifest is None:
             continue

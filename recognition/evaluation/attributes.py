@@ -14,6 +14,7 @@ import numpy as np
 
 from ..inference import read_image, to_nchw
 from ..utils import UserError, atomic_open, atomic_path, write_json
+from .metadata import read_metadata
 
 OUTPUT_PREFIX, OUTPUT_SUFFIX = 'attr_', '_output'
 
@@ -22,8 +23,6 @@ def attribute_heads(prefix):
     """{attribute: (output layer, class names or None)} of `prefix-symbol.json`; UserError if it has none."""
     from ..checkpoint import load_symbol
     path = f'{prefix}-symbol.json'
-    if not os.path.isfile(path):
-        raise UserError(f'{path}: checkpoint file not found')
     sym = load_symbol(path)
     internals = sym.get_internals()
     heads = {}
@@ -37,44 +36,24 @@ def attribute_heads(prefix):
     return heads
 
 
-def read_metadata(path, attributes):
+def metadata_codes(path, attributes):
     """(template ids, {attribute: int codes with -1 = unknown}) from a metadata CSV with a TEMPLATE_ID column
     and one column per attribute (matched case-insensitively)."""
-    try:
-        with open(path, newline='') as f:
-            rows = list(csv.reader(f))
-    except OSError as e:
-        raise UserError(f'{path}: cannot read ({e.strerror})') from None
-    rows = [r for r in rows if any(c.strip() for c in r)]
-    if len(rows) < 2:
-        raise UserError(f'{path}: no rows')
-    header = [h.strip() for h in rows[0]]
-    columns = {h.upper(): i for i, h in enumerate(header)}
-    for needed in ['TEMPLATE_ID'] + [a.upper() for a in attributes]:
-        if needed not in columns:
-            raise UserError(f'{path}: header lacks {needed} (got {",".join(header)})')
-    bad = next((n for n, r in enumerate(rows[1:]) if len(r) != len(header)), None)
-    if bad is not None:
-        raise UserError(f'{path}: row {bad + 2} has {len(rows[bad + 1])} fields, the header has {len(header)}')
-    ids = [r[columns['TEMPLATE_ID']].strip() for r in rows[1:]]
-    if len(set(ids)) != len(ids):
-        raise UserError(f'{path}: TEMPLATE_ID {next(i for i in ids if ids.count(i) > 1)} listed twice')
+    cols, _ = read_metadata(path, ['TEMPLATE_ID', *attributes])
     codes = {}
     for attr in attributes:
-        col = columns[attr.upper()]
         values = []
-        for n, r in enumerate(rows[1:]):
-            text = r[col].strip()
+        for n, text in enumerate(cols[attr]):
             try:
                 value = float(text) if text else -1.0
                 if value != int(value) or value < -1:
                     raise ValueError
             except ValueError:
-                raise UserError(f'{path}: row {n + 2}: {header[col]} must be an integer code (or blank / -1 for '
+                raise UserError(f'{path}: row {n + 2}: {attr.upper()} must be an integer code (or blank / -1 for '
                                 f'unknown), found {text!r}') from None
             values.append(int(value))
         codes[attr] = np.array(values, dtype=np.int64)
-    return ids, codes
+    return list(cols['TEMPLATE_ID']), codes
 
 
 def predict_probabilities(embedder, paths, num_outputs, batch_size=64, flip=True, image_size=112, progress=False):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recognition.evaluation.metadata import read_metadata
 from recognition.evaluation.pairs_csv import read_labels, read_scores
 from recognition.groups import ATTRIBUTES, GENDER_COLUMN, GENDER_SKIN, SKIN_COLUMN, group_index
 from recognition.utils import UserError
@@ -40,27 +41,8 @@ class Pairs:
 
 
 def _read_metadata(path):
-    """{column: array of strings} and {template id: row} of the metadata CSV."""
-    try:
-        with open(path) as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
-    except OSError as e:
-        raise UserError(f'{path}: cannot read ({e.strerror})') from None
-    if not lines:
-        raise UserError(f'{path}: empty file')
-    header = [h.strip() for h in lines[0].split(',')]
-    for col in ('TEMPLATE_ID', GENDER_COLUMN, SKIN_COLUMN):
-        if col not in header:
-            raise UserError(f'{path}: header lacks {col} (got {lines[0]!r})')
-    rows = [[v.strip() for v in line.split(',')] for line in lines[1:]]
-    bad = next((n for n, r in enumerate(rows) if len(r) != len(header)), None)
-    if bad is not None:
-        raise UserError(f'{path}: row {bad + 2} has {len(rows[bad])} fields, the header has {len(header)}')
-    cols = {h: np.array(c, dtype=object) for h, c in zip(header, zip(*rows))} if rows else {}
-    if not rows:
-        raise UserError(f'{path}: no rows')
-    index = {t: i for i, t in enumerate(cols['TEMPLATE_ID'])}
-    return cols, index
+    """{column: array of strings} and {template id: row} of the metadata CSV, with the protected columns."""
+    return read_metadata(path, ('TEMPLATE_ID', GENDER_COLUMN, SKIN_COLUMN))
 
 
 def _codes(values, column, path):

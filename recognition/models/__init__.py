@@ -12,11 +12,11 @@ from ..config import network as NETWORK_PRESETS
 from ..config import network_settings
 from ..utils import UserError
 from .fresnet import FILTERS, UNITS, FResNet
-from .layers import XAVIER, PReLU, native_prelu
+from .layers import XAVIER, PReLU, native_prelu, walk_blocks
 from .mobilefacenet import MobileFaceNet
 
 __all__ = ['get_model', 'list_models', 'init_params', 'get_symbol', 'native_prelu', 'PReLU',
-           'FResNet', 'MobileFaceNet', 'FAMILIES', 'FRESNET_UNITS']
+           'FResNet', 'MobileFaceNet', 'FAMILIES', 'FRESNET_UNITS', 'walk_blocks']
 
 # Units per stage of each fresnet depth: insightface's, plus the demo network's 10 layers (one unit per stage).
 FRESNET_UNITS = {**UNITS, 10: [1, 1, 1, 1]}

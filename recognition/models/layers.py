@@ -115,10 +115,11 @@ class PReLU(NamedBlock):
                               name=self.op_name)
 
 
-def _walk(block):
+def walk_blocks(block):
+    """`block` and every block inside it, depth first (Gluon has no public recursive iterator)."""
     yield block
     for child in block._children.values():
-        yield from _walk(child)
+        yield from walk_blocks(child)
 
 
 @contextmanager
@@ -129,8 +130,8 @@ def native_prelu(net):
     for tools that only know ``LeakyReLU``; cached graphs are dropped on entry and exit so a
     hybridized net rebuilds with the right formulation.
     """
-    prelus = [b for b in _walk(net) if isinstance(b, PReLU)]
-    blocks = [b for b in _walk(net) if isinstance(b, HybridBlock)]
+    prelus = [b for b in walk_blocks(net) if isinstance(b, PReLU)]
+    blocks = [b for b in walk_blocks(net) if isinstance(b, HybridBlock)]
     previous = [p.native for p in prelus]
     try:
         for p in prelus:

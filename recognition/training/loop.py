@@ -47,12 +47,6 @@ def wd_multiplier(name):
     return 1.0 if name.endswith(('_weight', '_gamma')) else 0.0
 
 
-def _walk(block):
-    yield block
-    for child in block._children.values():
-        yield from _walk(child)
-
-
 def freeze(net, block):
     """`--freeze-block`: 0 trains everything; 1 freezes the whole embedding network (only the head
     trains); 2 freezes everything up to `bn1` (the output block `pre_fc1`/`fc1` and the head train).
@@ -64,12 +58,13 @@ def freeze(net, block):
         return []
     if block not in (1, 2):
         raise UserError(f'--freeze-block {block}: choose 0 (all layers), 1 (only fc7) or 2 (up to bn1)')
+    from ..models import walk_blocks   # loads mxnet: not at the top (kvstore servers import this module)
     params = net.collect_params()
     frozen = [n for n in params if block == 1 or not n.startswith(('pre_fc1', 'fc1_'))]
     for name in frozen:
         params[name].grad_req = 'null'
     frozen_set = set(frozen)
-    for b in _walk(net):
+    for b in walk_blocks(net):
         # Gluon's BatchNorm and the models' insightface-named BatchNorm both keep the op's
         # arguments in `_kwargs`.
         if 'use_global_stats' in getattr(b, '_kwargs', {}) and set(b.collect_params()) <= frozen_set:
