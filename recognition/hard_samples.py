@@ -6,15 +6,20 @@ a misclassified image and writes them (raw bytes and attributes) as a new rec, .
 import os
 
 import numpy as np
+from sklearn.preprocessing import normalize
 
+from .checkpoint import EMBEDDING, checkpoint_files, load_checkpoint, parse_pretrained
+from .data.dataset import FaceRecordDataset
+from .data.lst import read_lst, resolve_lst_path, write_lst
+from .data.record import IdentityRecordWriter, property_path, read_property, split_prefix
 from .groups import identity_groups
+from .inference import Embedder
 from .utils import UserError, parse_contexts, write_json
 
 
 def classify(embedder, fc7_weight, dataset, batch_size=64):
     """fc7's argmax for every image of `dataset`: cosine logits of the L2-normalised embedding (no flip,
     no augmentation), as the margin head's un-margined logits the training accuracy is measured on."""
-    from sklearn.preprocessing import normalize
     weight = normalize(np.asarray(fc7_weight, dtype=np.float32))
     preds = np.empty(len(dataset), dtype=np.int64)
     for lo in range(0, len(dataset), batch_size):
@@ -48,7 +53,6 @@ def hard_sample_report(dataset, labels, preds, hard_ids):
 
 def _check_property(out_prefix, num_classes, image_size):
     """The mined rec's folder gets the source's `property`; an existing different one is not replaced."""
-    from .data.record import property_path, read_property
     path = property_path(out_prefix)
     have = read_property(path)
     want = (int(num_classes), int(image_size[0]), int(image_size[1]))
@@ -59,7 +63,6 @@ def _check_property(out_prefix, num_classes, image_size):
 
 def _hard_lst(src_lst, out_prefix, hard_ids):
     """Lines of the source .lst whose label is a hard identity, paths re-based for the new .lst's folder."""
-    from .data.lst import read_lst, resolve_lst_path
     src_dir = os.path.dirname(os.path.abspath(src_lst))
     out_dir = os.path.dirname(os.path.abspath(out_prefix))
     keep = set(int(i) for i in hard_ids)
@@ -80,17 +83,12 @@ def mine_hard_samples(model, rec, out, ctx=None, batch_size=64, lst=None, log=pr
     when present) filtered to those identities. Nothing is written when no sample is misclassified.
     Returns the report dict (also written to `out.report.json`).
     """
-    from .checkpoint import EMBEDDING, load_checkpoint, parse_pretrained
-    from .data.dataset import FaceRecordDataset
-    from .data.lst import write_lst
-    from .data.record import IdentityRecordWriter, split_prefix
-    from .inference import Embedder
     prefix, epoch = parse_pretrained(model)
     rec_prefix, out_prefix = split_prefix(rec), split_prefix(out)
     if os.path.abspath(rec_prefix) == os.path.abspath(out_prefix):
         raise UserError(f'--out {out}: the same prefix as --rec; choose another name')
     sym, arg, aux = load_checkpoint(prefix, epoch)
-    params = '%s-%04d.params' % (prefix, epoch)
+    params = checkpoint_files(prefix, epoch)[1]
     if 'fc7_weight' not in arg:
         raise UserError(f'{params}: no fc7_weight (an embedding-only checkpoint cannot classify)')
     dataset = FaceRecordDataset([rec])
