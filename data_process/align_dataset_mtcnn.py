@@ -13,6 +13,7 @@ import sys
 from recognition.alignment.folder import REPORT_NAME, align_folder
 from recognition.alignment.geometry import crop_size
 from recognition.alignment.landmarks_file import read_landmarks_file
+from recognition.detection import MTCNNDetector
 from recognition.utils import parse_contexts, run_cli
 
 
@@ -32,7 +33,6 @@ def main(argv=None):
     landmarks = read_landmarks_file(args.landmarks) if args.landmarks else None
     detector = None
     if args.min_face_size != 20 or args.gpus:
-        from recognition.detection import MTCNNDetector
         detector = MTCNNDetector(ctx=parse_contexts(args.gpus)[0], min_face_size=args.min_face_size)
     height, width = args.image_size
     rows = align_folder(args.input_dir, args.output_dir, image_size=height, width=width, landmarks=landmarks,

@@ -7,7 +7,11 @@ absolute difference relative to the largest embedding magnitude).
 """
 import json
 
+import mxnet as mx
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
 
 from recognition.checkpoint import checkpoint_files, load_checkpoint
 from recognition.utils import UserError, atomic_path
@@ -19,7 +23,6 @@ def explicit_flatten(sym):
     MXNet's ONNX converter reads a missing `flatten` as False (the op's default is True) and would
     emit a Gemm over the last axis of pre_fc1's 4-D input.
     """
-    import mxnet as mx
     graph = json.loads(sym.tojson())
     for node in graph['nodes']:
         if node['op'] == 'FullyConnected':
@@ -44,7 +47,6 @@ def embedding_graph(prefix, epoch):
 
 def module_embeddings(sym, params, batch):
     """MXNet's own embeddings of `batch`: the reference the ONNX model must reproduce."""
-    import mxnet as mx
     mod = mx.mod.Module(symbol=sym, context=mx.cpu(), label_names=None)
     mod.bind(data_shapes=[('data', batch.shape)], for_training=False)
     arg = {k: v for k, v in params.items() if k in sym.list_arguments()}
@@ -60,8 +62,6 @@ def fix_prelu_slopes(path):
     MXNet writes LeakyReLU(prelu)'s gamma as a (C,) initializer; ONNX broadcasts from the last axis, so
     (C,) would meet the width axis of an NCHW tensor. (C, 1, 1) is the channel-wise slope MXNet means.
     """
-    import onnx
-    from onnx import numpy_helper
     model = onnx.load(path)
     inits = {i.name: i for i in model.graph.initializer}
     fixed = set()
@@ -83,8 +83,6 @@ def fix_prelu_slopes(path):
 
 def export_onnx(prefix, epoch, out, image_size=112, batch_size=4, tolerance=1e-4, seed=0):
     """Write `out` (ONNX) and return the measured relative difference to MXNet on a batch."""
-    import mxnet as mx
-    import onnxruntime as ort
     sym, params = embedding_graph(prefix, epoch)
     shape = (batch_size, 3, image_size, image_size)
     batch = np.random.default_rng(seed).uniform(0, 255, shape).astype(np.float32)

@@ -4,6 +4,9 @@ Loading follows insightface's deploy code: `mx.model.load_checkpoint` -> `sym.ge
 -> `mx.mod.Module(label_names=None)`; parameters the cut graph does not use (fc7_weight) are ignored.
 Images enter as RGB 0..255 (the project convention); `bgr` and `input_scale` adapt them for models
 trained otherwise. A model folder (`final_eval_models/<name>/`) holds the checkpoint and `model.json`.
+
+mxnet, and `checkpoint` (which imports it), are imported inside the functions that load a model: the import
+costs about 2 s here, and the evaluator and the report reach this module (through `ensemble`) without a model.
 """
 import collections
 import json
@@ -14,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 from sklearn.preprocessing import normalize
+from tqdm import tqdm
 
 from recognition.data.lst import list_images
 from recognition.utils import UserError, is_disk_full, no_space_error, read_json
@@ -280,7 +284,6 @@ def extract_features(embedders, paths, batch_size=64, image_size=112, flip=True,
 
     Each image is decoded once (threads overlap decoding with the forward passes) and fed to all models.
     """
-    from tqdm import tqdm
     if not paths:
         raise UserError('no images to extract features from')
     feats = [[] for _ in embedders]

@@ -203,7 +203,7 @@ def parse_contexts(gpus='', ctx=''):
     The same list serves GPUs and several CPU contexts, so the multi-device path is one code path. GPUs
     this MXNet build cannot use are a one-line error saying which build is installed.
     """
-    import mxnet as mx
+    import mxnet as mx   # here: utils is imported by every CLI and by mxnet-free modules (config, the packer)
     if ctx:
         kind, _, n = ctx.partition(':')
         if kind not in ('cpu', 'gpu') or not (n or '1').isdigit() or int(n or 1) < 1:
@@ -226,7 +226,7 @@ def parse_contexts(gpus='', ctx=''):
 
 def _gpus(ids, option):
     """`mx.gpu(i)` for each id, after checking that this MXNet build sees that many GPUs."""
-    import mxnet as mx
+    import mxnet as mx   # here: see parse_contexts
     count = mx.context.num_gpus()
     if ids and max(ids) >= count:
         cuda = mx.runtime.Features().is_enabled('CUDA')

@@ -11,6 +11,7 @@ attributes.json, attributes.csv and confusion_<attribute>.png into --out.
 import argparse
 import os
 
+from recognition.alignment.folder import align_folder
 from recognition.evaluation.attributes import attribute_heads, evaluate_attributes, metadata_codes
 from recognition.inference import load_embedder, model_spec, template_images
 from recognition.utils import UserError, add_device_args, parse_contexts, run_cli
@@ -47,7 +48,6 @@ def main(argv=None):
     ids, codes = metadata_codes(args.metadata, list(heads))
     image_dir = args.images
     if not args.already_aligned:
-        from recognition.alignment.folder import align_folder
         image_dir = args.aligned_dir or os.path.join(args.out, 'aligned')
         align_folder(args.images, image_dir, image_size=args.image_size, landmarks=args.landmarks or None,
                      num_workers=args.workers, skip_existing=True)

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from recognition.checkpoint import parse_pretrained
+from recognition.data.bin import load_verification_set
 from recognition.evaluation.verification import format_result, test_bin
 from recognition.inference import INPUT_SCALES, load_embedder
 from recognition.utils import UserError, add_device_args, parse_contexts, run_cli
@@ -28,7 +29,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from recognition.data.bin import load_verification_set
     prefix, epochs = parse_pretrained(args.model, '--model', several=True)
     try:
         image_size = tuple(int(v) for v in args.image_size.split(','))

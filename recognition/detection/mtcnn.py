@@ -204,7 +204,7 @@ def convert_onnx(path):
     Layers are recognised by graph structure: a Conv/MatMul whose output reaches a PRelu is a
     trunk layer (numbered in graph order); the others are heads, named by their width.
     """
-    import onnx
+    import onnx   # here: only the one-time weight conversion reads ONNX; later runs load the cached weights
     from onnx import numpy_helper
     try:
         graph = onnx.load(path).graph

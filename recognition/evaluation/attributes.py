@@ -11,6 +11,8 @@ import json
 import os
 
 import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+from tqdm import tqdm
 
 from ..inference import read_image, to_nchw
 from ..utils import UserError, atomic_open, atomic_path, write_json
@@ -21,7 +23,7 @@ OUTPUT_PREFIX, OUTPUT_SUFFIX = 'attr_', '_output'
 
 def attribute_heads(prefix):
     """{attribute: (output layer, class names or None)} of `prefix-symbol.json`; UserError if it has none."""
-    from ..checkpoint import load_symbol
+    from ..checkpoint import load_symbol   # here: checkpoint imports mxnet (~2 s), which reading metadata needs not
     path = f'{prefix}-symbol.json'
     sym = load_symbol(path)
     internals = sym.get_internals()
@@ -59,7 +61,6 @@ def metadata_codes(path, attributes):
 def predict_probabilities(embedder, paths, num_outputs, batch_size=64, flip=True, image_size=112, progress=False):
     """The model's output layers for every image (aligned crops): a list of N x C arrays, the mean of
     the crop and its mirror when `flip`."""
-    from tqdm import tqdm
     outs = [[] for _ in range(num_outputs)]
     for lo in tqdm(range(0, len(paths), batch_size), disable=not progress, desc='attributes', unit='batch'):
         x = to_nchw(np.stack([read_image(p, image_size) for p in paths[lo:lo + batch_size]])).astype(np.float32)
@@ -74,7 +75,6 @@ def predict_probabilities(embedder, paths, num_outputs, batch_size=64, flip=True
 
 def score_attribute(true, probs, classes=None, name='attribute', where='metadata'):
     """Accuracy and confusion matrix (rows true, columns predicted) over the samples with a known code."""
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
     n_classes = probs.shape[1]
     classes = list(classes) if classes else [str(i) for i in range(n_classes)]
     known = true >= 0
@@ -94,7 +94,7 @@ def score_attribute(true, probs, classes=None, name='attribute', where='metadata
 
 def plot_confusion(result, title, path):
     """A confusion-matrix PNG (counts, row-normalised colour) written atomically."""
-    import matplotlib
+    import matplotlib   # here: pyplot costs ~2.5 s to import, and the backend must be chosen before it
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     cm = np.asarray(result['confusion_matrix'], dtype=np.float64)

@@ -23,6 +23,7 @@ import numpy as np
 from scipy import sparse
 
 from recognition.evaluation.pairs_csv import read_pairs_csv
+from recognition.inference import extract_features
 from recognition.utils import UserError, atomic_open
 
 FUSIONS = ('mean', 'concat', 'switch')
@@ -223,7 +224,6 @@ def predict(template_path, images, embedders, out_path, missing_score=None, batc
     to `raw_scores_path(out_path)`, so the report can show what the post-processing did.
     Returns a summary dict (pairs, images, missing ids, the raw file or None).
     """
-    from recognition.inference import extract_features
     id1, id2, _, _ = read_pairs_csv(template_path)
     needed = sorted(set(id1) | set(id2))
     present = [t for t in needed if t in images]

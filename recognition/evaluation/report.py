@@ -228,7 +228,7 @@ def _save(fig, path):
 
 def plot_all(pairs, result, out_dir):
     """ROC per group, score histograms per group and bias bars; returns {file name: caption}."""
-    import matplotlib
+    import matplotlib   # here: pyplot costs ~2.5 s to import, and the backend must be chosen before it
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     plots = {}

@@ -72,7 +72,7 @@ class Topology:
 
 def setup(gpus='', ctx='', kvstore='device'):
     """Contexts from `--gpus`/`--ctx` and the kvstore named by `--kvstore`."""
-    import mxnet as mx
+    import mxnet as mx   # here: see the note on imports in training/loop.py
     contexts = parse_contexts(gpus, ctx)
     if kvstore in LOCAL_KVSTORES:
         return Topology(contexts, kvstore, name=kvstore)

@@ -9,6 +9,11 @@ Every `verbose` steps: 10-fold verification on the dataset's `.bin` targets, the
 resume snapshot. `--resume` restores parameters, optimizer state, step, schedule and data position; dropout
 masks are drawn from a generator reseeded from (seed, step) every step, so a resumed run repeats exactly
 the steps a straight run would have taken.
+
+Imports: the modules that build on MXNet (models, losses, data, verification, AMP) are imported where they are
+used. A dist_async server unpickles this package's `ServerSchedule` while its own `import mxnet` is still
+running; a module that subclasses Gluon blocks at import then meets a half-imported mxnet and fails
+(`test_train_dist.py::test_dist_async_trains_and_resumes` caught it when `losses` was imported at the top).
 """
 import contextlib
 import math
@@ -21,7 +26,9 @@ import numpy as np
 
 from .. import checkpoint, distributed
 from ..config import HEAD_ARGS
+from ..data.bin import load_verification_set
 from ..data.shards import training_recs
+from ..groups import select_identities
 from ..locking import folder_lock
 from ..utils import UserError
 from . import kvstore as kvstore_setup
@@ -58,7 +65,7 @@ def freeze(net, block):
         return []
     if block not in (1, 2):
         raise UserError(f'--freeze-block {block}: choose 0 (all layers), 1 (only fc7) or 2 (up to bn1)')
-    from ..models import walk_blocks   # loads mxnet: not at the top (kvstore servers import this module)
+    from ..models import walk_blocks   # here: see the note on imports above
     params = net.collect_params()
     frozen = [n for n in params if block == 1 or not n.startswith(('pre_fc1', 'fc1_'))]
     for name in frozen:
@@ -80,7 +87,6 @@ def head_kwargs(opts):
 def load_val_sets(opts, image_size):
     """The `val_targets` `.bin` files of the dataset folder, each read and checked before step 1
     (enough pairs of both kinds for 10 folds, every image decodable); a missing target is an error."""
-    from ..data.bin import load_verification_set
     sets = []
     for name in opts.val_targets:
         path = os.path.join(opts.dataset_path, name + '.bin')
@@ -137,7 +143,6 @@ class TrainingSession:
         # The identity subset to train on (all when None); the loader samples only these.
         self.identities = None
         if opts.get('selected_attributes'):
-            from ..groups import select_identities
             self.identities = select_identities(self.dataset, opts.selected_attributes,
                                                 opts.get('models_root', '.'), log=self.log.info)
         self.loader = None
@@ -572,7 +577,21 @@ class TrainingSession:
             signals.restore()
             self.monitor.close()
             self.close()
+            if self.topology.distributed:
+                self._leave_job()
         return self._summary(losses, verify_results)
+
+    def _leave_job(self):
+        """Dist: pass ps-lite's exit barrier now, in every worker. Left to interpreter shutdown, the KVStore's
+        destructor may never run (the session sits in reference cycles): then the chief never tells the
+        servers to stop and the other workers wait in the barrier for good (a job that hung after a clean
+        stop, 1 run in 3 of test_faults_dist under load). The handle is then NULL, so the destructor's own
+        free later is a no-op (`delete nullptr`)."""
+        from mxnet.base import _LIB, KVStoreHandle, check_call
+        self.mx.nd.waitall()
+        kv = self.topology.kvstore
+        check_call(_LIB.MXKVStoreFree(kv.handle))
+        kv.handle = KVStoreHandle()
 
     def close(self):
         """Release the run folder's lock (`run` does when it ends; for a session that is not run)."""

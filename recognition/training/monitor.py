@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
+
 LOGGER_NAME = 'recognition.train'
 
 
@@ -14,7 +16,6 @@ class _TqdmHandler(logging.StreamHandler):
     """Log lines printed above the progress bar instead of through it."""
 
     def emit(self, record):
-        from tqdm import tqdm
         tqdm.write(self.format(record), file=sys.stdout)
 
 
@@ -63,13 +64,12 @@ class Monitor:
         self.started = time.time()
         self.writer = None
         if logdir:
-            from mxboard import SummaryWriter
+            from mxboard import SummaryWriter   # here: ~3 s to import, and only the chief writes events
             self.writer = SummaryWriter(logdir=logdir, flush_secs=10)
         if show_bar is None:
             show_bar = sys.stdout.isatty()
         self.bar = None
         if show_bar:
-            from tqdm import tqdm
             self.bar = tqdm(total=total_steps or None, initial=start_step, unit='batch', dynamic_ncols=True)
         self._reset()
 
