@@ -9,14 +9,10 @@ import hashlib
 import json
 import os
 
-from recognition.alignment.folder import align_folder
-from recognition.checkpoint import parse_pretrained
 from recognition.evaluation.bootstrap import REPLICATES, compare
-from recognition.evaluation.ensemble import predict
 from recognition.evaluation.fairness import (evaluate_pairs, evaluate_predictions, group_badness, load_pairs,
                                              worst_group)
 from recognition.groups import GENDER_SKIN, GROUP_CODES, GROUPS
-from recognition.inference import load_embedder, template_images
 from recognition.utils import UserError, atomic_open, write_json
 
 
@@ -80,6 +76,11 @@ def evaluate_checkpoint(model, val_dir, out_dir, aligned_dir=None, ctx=None, bat
     Writes `out_dir/predictions.csv` and `out_dir/eval.json`; returns the evaluation result dict.
     Aligned crops go to `aligned_dir` (default `out_dir/aligned`) and are reused when present.
     """
+    # here: the study and the table tools read chain tables without a model; these load mxnet (~2 s)
+    from recognition.alignment.folder import align_folder
+    from recognition.checkpoint import parse_pretrained
+    from recognition.evaluation.ensemble import predict
+    from recognition.inference import load_embedder, template_images
     files = val_files(val_dir)
     prefix, epoch = parse_pretrained(model)
     embedder = load_embedder(prefix, epoch, ctx=ctx, batch_size=batch_size)
