@@ -19,7 +19,7 @@ import os
 import mxnet as mx
 import numpy as np
 
-from .utils import UserError, atomic_open, atomic_path, ensure_free_space, read_json, write_json
+from recognition.utils import UserError, atomic_open, atomic_path, ensure_free_space, read_json, write_json
 
 EMBEDDING = 'fc1'
 # The resume snapshot's optimizer-state format: NDArrays in `.states` plus JSON in the resume record.
@@ -39,7 +39,7 @@ def embedding_symbol(net):
     PReLUs are emitted as MXNet's native `LeakyReLU` op (the models' fast formulation is for training),
     so the graph is op-for-op insightface's and every converter knows it.
     """
-    from .models import native_prelu   # here: see the note on imports in training/loop.py
+    from recognition.models import native_prelu   # here: see the note on imports in training/loop.py
     with native_prelu(net):
         out = net(mx.sym.var('data'))
     if isinstance(out, (list, tuple)):

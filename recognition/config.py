@@ -21,8 +21,8 @@ import os
 
 from easydict import EasyDict as edict
 
-from .data.record import read_property
-from .utils import UserError
+from recognition.data.record import read_property
+from recognition.utils import UserError
 
 _config = edict()
 _config.emb_size = 512

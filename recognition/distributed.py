@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-from .utils import UserError
+from recognition.utils import UserError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SERVER_COMMAND = [sys.executable, '-c', 'from recognition.distributed import serve; serve()']

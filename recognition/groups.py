@@ -10,7 +10,7 @@ parsing rule only (`seed_index_codes`).
 """
 import os
 
-from .utils import UserError, read_json
+from recognition.utils import UserError, read_json
 
 GENDER_NAMES = ('female', 'male')      # GENDER code -> name
 SKIN_NAMES = ('light', 'dark')         # SKIN_COLOUR code -> name

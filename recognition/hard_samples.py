@@ -8,13 +8,13 @@ import os
 import numpy as np
 from sklearn.preprocessing import normalize
 
-from .checkpoint import EMBEDDING, checkpoint_files, load_checkpoint, parse_pretrained
-from .data.dataset import FaceRecordDataset
-from .data.lst import read_lst, resolve_lst_path, write_lst
-from .data.record import IdentityRecordWriter, property_path, read_property, split_prefix
-from .groups import identity_groups
-from .inference import Embedder
-from .utils import UserError, parse_contexts, write_json
+from recognition.checkpoint import EMBEDDING, checkpoint_files, load_checkpoint, parse_pretrained
+from recognition.data.dataset import FaceRecordDataset
+from recognition.data.lst import read_lst, resolve_lst_path, write_lst
+from recognition.data.record import IdentityRecordWriter, property_path, read_property, split_prefix
+from recognition.groups import identity_groups
+from recognition.inference import Embedder
+from recognition.utils import UserError, parse_contexts, write_json
 
 
 def classify(embedder, fc7_weight, dataset, batch_size=64):

@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 
-from .utils import UserError
+from recognition.utils import UserError
 
 LOCK_NAME = '.lock'
 # Seconds after which a lock file without an owner record counts as left by a killed writer.

@@ -13,8 +13,8 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from .config import HEAD_ARGS, preset
-from .utils import UserError
+from recognition.config import HEAD_ARGS, preset
+from recognition.utils import UserError
 
 __all__ = ['MarginHead', 'ArcCircleHead', 'CenterLoss', 'AttributeHead', 'AuxiliaryTasks', 'build_auxiliary',
            'build_head', 'head_preset', 'HEAD_TYPES']

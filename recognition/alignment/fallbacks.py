@@ -6,8 +6,8 @@ from collections import namedtuple
 import cv2
 import numpy as np
 
-from ..detection import MTCNNDetector
-from .geometry import FORCED_MARGIN, norm_crop, transform_points
+from recognition.detection import MTCNNDetector
+from recognition.alignment.geometry import FORCED_MARGIN, norm_crop, transform_points
 
 AlignResult = namedtuple('AlignResult', 'image status landmarks score')
 AlignResult.__doc__ = """An aligned crop (or None), how it was obtained ('given', 'detected', 'forced',

@@ -8,13 +8,13 @@ from collections import namedtuple
 import cv2
 import numpy as np
 
-from ..data.lst import list_images
-from ..detection import MTCNNDetector
-from ..utils import UserError, atomic_open
-from ..worker_pool import spawn_pool
-from .fallbacks import align_face, default_detector
-from .geometry import template
-from .landmarks_file import read_landmarks_file, relative_key
+from recognition.data.lst import list_images
+from recognition.detection import MTCNNDetector
+from recognition.utils import UserError, atomic_open
+from recognition.worker_pool import spawn_pool
+from recognition.alignment.fallbacks import align_face, default_detector
+from recognition.alignment.geometry import template
+from recognition.alignment.landmarks_file import read_landmarks_file, relative_key
 
 ReportRow = namedtuple('ReportRow', 'path status score landmarks')
 ReportRow.__doc__ = """One line of align_report.csv: input path relative to the input folder (with

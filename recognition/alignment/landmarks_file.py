@@ -4,7 +4,7 @@ import posixpath
 
 import numpy as np
 
-from ..utils import UserError
+from recognition.utils import UserError
 
 
 def relative_key(path):

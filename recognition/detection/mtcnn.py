@@ -21,7 +21,7 @@ import mxnet as mx
 import numpy as np
 from mxnet.gluon import HybridBlock, nn
 
-from ..utils import UserError, atomic_path
+from recognition.utils import UserError, atomic_path
 
 NET_NAMES = ('pnet', 'rnet', 'onet')
 # Bump when the conversion changes so stale caches are not reused.

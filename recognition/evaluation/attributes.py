@@ -14,16 +14,16 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from tqdm import tqdm
 
-from ..inference import read_image, to_nchw
-from ..utils import UserError, atomic_open, atomic_path, write_json
-from .metadata import read_metadata
+from recognition.inference import read_image, to_nchw
+from recognition.utils import UserError, atomic_open, atomic_path, write_json
+from recognition.evaluation.metadata import read_metadata
 
 OUTPUT_PREFIX, OUTPUT_SUFFIX = 'attr_', '_output'
 
 
 def attribute_heads(prefix):
     """{attribute: (output layer, class names or None)} of `prefix-symbol.json`; UserError if it has none."""
-    from ..checkpoint import load_symbol   # here: checkpoint imports mxnet (~2 s), which reading metadata needs not
+    from recognition.checkpoint import load_symbol   # here: checkpoint imports mxnet (~2 s), which reading metadata needs not
     path = f'{prefix}-symbol.json'
     sym = load_symbol(path)
     internals = sym.get_internals()

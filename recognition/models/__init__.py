@@ -8,12 +8,12 @@ file) to the family that builds it from the preset's keys.  Every network takes 
 """
 import mxnet as mx
 
-from ..config import network as NETWORK_PRESETS
-from ..config import network_settings
-from ..utils import UserError
-from .fresnet import FILTERS, UNITS, FResNet
-from .layers import XAVIER, PReLU, native_prelu, walk_blocks
-from .mobilefacenet import MobileFaceNet
+from recognition.config import network as NETWORK_PRESETS
+from recognition.config import network_settings
+from recognition.utils import UserError
+from recognition.models.fresnet import FILTERS, UNITS, FResNet
+from recognition.models.layers import XAVIER, PReLU, native_prelu, walk_blocks
+from recognition.models.mobilefacenet import MobileFaceNet
 
 __all__ = ['get_model', 'list_models', 'init_params', 'get_symbol', 'native_prelu', 'PReLU',
            'FResNet', 'MobileFaceNet', 'FAMILIES', 'FRESNET_UNITS', 'walk_blocks']

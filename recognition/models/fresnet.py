@@ -7,7 +7,7 @@ fixed gamma).
 """
 from mxnet.gluon import nn
 
-from .layers import BatchNorm, Conv, Dense, NamedBlock, PReLU
+from recognition.models.layers import BatchNorm, Conv, Dense, NamedBlock, PReLU
 
 # insightface's fresnet.get_symbol unit counts (basic-block variant, num_layers < 500).
 UNITS = {

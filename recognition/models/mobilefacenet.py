@@ -6,7 +6,7 @@ GDC ``conv_6dw7_7`` -> ``pre_fc1`` -> ``fc1`` (fixed gamma, eps 2e-5).
 """
 from mxnet.gluon import nn
 
-from .layers import BatchNorm, Conv, Dense, NamedBlock, PReLU
+from recognition.models.layers import BatchNorm, Conv, Dense, NamedBlock, PReLU
 
 MXNET_BN_EPS = 1e-3
 

@@ -1,4 +1,4 @@
 """The trainer behind `train/train.py`: loop, schedules, kvstore/context set-up, logging."""
-from .loop import TrainingDiverged, TrainingSession, freeze, run_folder, train
+from recognition.training.loop import TrainingDiverged, TrainingSession, freeze, run_folder, train
 
 __all__ = ['TrainingDiverged', 'TrainingSession', 'freeze', 'run_folder', 'train']

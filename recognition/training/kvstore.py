@@ -13,7 +13,7 @@ uses the sum over all workers divided by the global batch (`per_batch_size x con
 from dataclasses import dataclass, field
 from typing import Any, List
 
-from ..utils import UserError, parse_contexts
+from recognition.utils import UserError, parse_contexts
 
 LOCAL_KVSTORES = ('device', 'local')
 DIST_KVSTORES = ('dist_sync', 'dist_device_sync', 'dist_async')

@@ -24,16 +24,16 @@ import time
 
 import numpy as np
 
-from .. import checkpoint, distributed
-from ..config import HEAD_ARGS
-from ..data.bin import load_verification_set
-from ..data.shards import training_recs
-from ..groups import select_identities
-from ..locking import folder_lock
-from ..utils import UserError
-from . import kvstore as kvstore_setup
-from .monitor import Monitor, get_logger
-from .schedules import PlateauDecay, ServerSchedule, StepSchedule
+from recognition import checkpoint, distributed
+from recognition.config import HEAD_ARGS
+from recognition.data.bin import load_verification_set
+from recognition.data.shards import training_recs
+from recognition.groups import select_identities
+from recognition.locking import folder_lock
+from recognition.utils import UserError
+from recognition.training import kvstore as kvstore_setup
+from recognition.training.monitor import Monitor, get_logger
+from recognition.training.schedules import PlateauDecay, ServerSchedule, StepSchedule
 
 
 class TrainingDiverged(UserError):
@@ -65,7 +65,7 @@ def freeze(net, block):
         return []
     if block not in (1, 2):
         raise UserError(f'--freeze-block {block}: choose 0 (all layers), 1 (only fc7) or 2 (up to bn1)')
-    from ..models import walk_blocks   # here: see the note on imports above
+    from recognition.models import walk_blocks   # here: see the note on imports above
     params = net.collect_params()
     frozen = [n for n in params if block == 1 or not n.startswith(('pre_fc1', 'fc1_'))]
     for name in frozen:
@@ -196,9 +196,9 @@ class TrainingSession:
 
     # --- construction -------------------------------------------------------------------------------
     def _open_dataset(self):
-        from ..data.dataset import FaceRecordDataset
-        from ..data.transforms import train_transform
-        from ..data.record import read_layout
+        from recognition.data.dataset import FaceRecordDataset
+        from recognition.data.transforms import train_transform
+        from recognition.data.record import read_layout
         opts = self.opts
         recs = training_recs(opts.dataset_path, opts.dataset)
         mine = self.topology.shard_plan(len(recs))
@@ -236,13 +236,13 @@ class TrainingSession:
     def _build_model(self, net, head):
         mx = self.mx
         opts = self.opts
-        from ..models import get_model, init_params
+        from recognition.models import get_model, init_params
         if net is None:
             # Networks are built for 112x112 unless the dataset's property says otherwise.
             size = {} if self.image_size == (112, 112) else {'input_size': self.image_size[0]}
             net = get_model(opts.network, emb_size=opts.emb_size, **size)
         if head is None:
-            from ..losses import build_head
+            from recognition.losses import build_head
             head = build_head(opts.loss, self.num_classes, opts.emb_size, fc7_lr_mult=opts.fc7_lr_mult,
                               fc7_wd_mult=opts.fc7_wd_mult, **head_kwargs(opts))
         init_params(net, ctx=self.contexts)
@@ -262,7 +262,7 @@ class TrainingSession:
 
     def _build_tasks(self):
         """`--center-loss-weight` and `--attr-heads` (losses.AuxiliaryTasks), or None when both are off."""
-        from ..losses import build_auxiliary
+        from recognition.losses import build_auxiliary
         opts = self.opts
         emb_size = self.net(self.mx.nd.zeros((1, 3) + self.image_size, ctx=self.contexts[0])).shape[1]
         tasks = build_auxiliary(self.dataset, emb_size, float(opts.get('center_loss_weight') or 0),
@@ -373,7 +373,7 @@ class TrainingSession:
         if start_batch >= self.steps_per_epoch:
             return []
         if self.loader is None:
-            from ..data.dataset import train_loader
+            from recognition.data.dataset import train_loader
             self.loader = train_loader(self.dataset, self.batch_size,
                                        num_workers=self.opts.get('num_workers', 0), shuffle=True,
                                        seed=self.seed, identities=self.identities, last_batch='discard',
@@ -392,7 +392,7 @@ class TrainingSession:
 
     def verify(self):
         """insightface's `ver_test`: Accuracy-Flip and XNorm per target; returns the accuracies."""
-        from ..evaluation.verification import test_bin
+        from recognition.evaluation.verification import test_bin
         accs = []
         for name, data_list, issame in self.val_sets:
             r = test_bin(data_list, issame, self.embed, self.batch_size, nfolds=10)
