@@ -9,7 +9,7 @@ import argparse
 import os
 
 from recognition.evaluation.bootstrap import REPLICATES, bootstrap, compare
-from recognition.evaluation.ensemble import provenance_path
+from recognition.evaluation.predictions import provenance_path
 from recognition.evaluation.fairness import evaluate_pairs, load_pairs
 from recognition.evaluation.report import comparison_text, summary_text, write_comparison, write_report
 from recognition.utils import UserError, read_json, run_cli

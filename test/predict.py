@@ -10,7 +10,9 @@ import os
 import sys
 
 from recognition.alignment.folder import REPORT_NAME, align_folder
-from recognition.evaluation.ensemble import FUSIONS, predict, provenance_path, read_pairs_csv
+from recognition.evaluation.ensemble import FUSIONS
+from recognition.evaluation.pairs_csv import read_pairs_csv
+from recognition.evaluation.predictions import predict, provenance_path
 from recognition.inference import find_model_dirs, load_model_dir, model_dir_spec, template_images
 from recognition.utils import UserError, parse_contexts, run_cli, write_json
 

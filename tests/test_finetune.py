@@ -17,7 +17,8 @@ from recognition.data.lst import LstItem, read_lst, write_lst
 from recognition.data.record import KNOWN_CODES, IdentityRecordWriter
 from recognition.data.demo_sets import DemoSizes, build_demo
 from recognition.evaluation import chain
-from recognition.evaluation.ensemble import read_pairs_csv, write_predictions
+from recognition.evaluation.pairs_csv import read_pairs_csv
+from recognition.evaluation.predictions import write_predictions
 from recognition.evaluation.fairness import WORST_GROUP_CRITERIA, evaluate_predictions
 from recognition.losses import build_head
 from recognition.models import get_model, init_params

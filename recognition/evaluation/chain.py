@@ -79,7 +79,7 @@ def evaluate_checkpoint(model, val_dir, out_dir, aligned_dir=None, ctx=None, bat
     # here: the study and the table tools read chain tables without a model; these load mxnet (~2 s)
     from recognition.alignment.folder import align_folder
     from recognition.checkpoint import parse_pretrained
-    from recognition.evaluation.ensemble import predict
+    from recognition.evaluation.predictions import predict
     from recognition.inference import load_embedder, template_images
     files = val_files(val_dir)
     prefix, epoch = parse_pretrained(model)
