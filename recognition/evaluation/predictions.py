@@ -21,13 +21,15 @@ def write_predictions(path, id1, id2, scores):
 
 
 def predict(template_path, images, embedders, out_path, missing_score=None, batch_size=64, progress=False,
-            fusion='mean', switch_model=None, **post):
+            fusion='mean', switch_model=None, posthoc=None, **post):
     """Score every template pair with the models and write predictions in template order.
 
     `images` maps template id -> aligned crop path. Ids without an image are an error listing them, or,
     with `missing_score`, those pairs get that score (and are left out of re-ranking and gap-cut).
     When fusion or post-processing changed the models' fused scores, those raw fused scores are written too,
     to `raw_scores_path(out_path)`, so the report can show what the post-processing did.
+    `posthoc(features, image paths, i1, i2, scores)`, if given, changes the final scores last (the
+    post-hoc fair calibration, `posthoc.PosthocStep`).
     Returns a summary dict (pairs, images, missing ids, the raw file or None).
     """
     id1, id2, _, _ = read_pairs_csv(template_path)
@@ -43,6 +45,8 @@ def predict(template_path, images, embedders, out_path, missing_score=None, batc
     names = [e.name for e in embedders]
     fused, hard = fused_scores(features, names, i1[valid], i2[valid], fusion, switch_model)
     final = post_process(fused, hard, i1[valid], i2[valid], features[0].shape[0], **post)
+    if posthoc is not None:
+        final = posthoc(features, [images[t] for t in present], i1[valid], i2[valid], final)
     scores = np.full(len(id1), np.nan if missing_score is None else float(missing_score))
     raw_path = None
     if hard is not None or not np.array_equal(final, fused):
@@ -64,3 +68,8 @@ def raw_scores_path(predictions_path):
 def provenance_path(predictions_path):
     """`predictions.csv` -> `predictions.json`: which models, fusion and post-processing made the file."""
     return os.path.splitext(predictions_path)[0] + '.json'
+
+
+def calibration_state_path(predictions_path):
+    """`predictions.csv` -> `predictions.calibration.npz`: the post-hoc calibration state fitted with them."""
+    return os.path.splitext(predictions_path)[0] + '.calibration.npz'
