@@ -173,6 +173,9 @@ def test_predict_fits_saves_reloads_deterministically(split, method):
     assert record['posthoc']['fitted_on'].endswith(os.path.join('val', 'ground_truth.csv'))
     assert record['post_processing'][-1].startswith(posthoc.METHODS[method])
     assert record['raw_scores'] == 'predictions.raw.csv'
+    from recognition.evaluation.report import provenance_lines
+    shown = provenance_lines({'provenance': record})[-1]
+    assert f'{posthoc.METHODS[method]} ({method}, K=3, seed 5' in shown and 'state predictions.calibration.npz' in shown
     # The saved state, applied again to the same images, gives the same bytes.
     state = str(first / 'predictions.calibration.npz')
     predict(split, f'{method}3/predictions.csv', '--calibration-state', state)

@@ -215,4 +215,5 @@ class PosthocStep:
                   'fitted_on': s['fitted_on']}
         if s['method'] == 'fsn':
             record['fmr'] = float(s['fmr'])
-        return record, describe(s, os.path.basename(self.state_file))
+        beside = self.state_file == self.save_to  # fitted here: beside the predictions; else as given
+        return record, describe(s, os.path.basename(self.state_file) if beside else self.state_file)
