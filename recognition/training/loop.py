@@ -96,7 +96,7 @@ def training_methods(opts):
     if attribute is not None:
         out.append('sampler balanced:%s' % attribute)
     if opts.get('group_margin'):
-        _, margins = parse_group_values(opts.group_margin, '--group-margin')
+        _, margins = parse_group_values(opts.group_margin, f'--group-margin {opts.group_margin}')
         out.append('group-margin ' + ','.join('%s=%g' % kv for kv in margins.items()))
     if opts.get('fpr_penalty'):
         target = opts.get('fpr_target') or 0
