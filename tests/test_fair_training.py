@@ -21,7 +21,7 @@ from recognition import checkpoint
 from recognition.config import generate_config
 from recognition.data.dataset import FaceRecordDataset
 from recognition.data.record import IdentityRecordWriter
-from recognition.data.sampler import BalancedSampler, balanced_sampler, parse_sampler
+from recognition.data.sampler import balanced_sampler, parse_sampler
 from recognition.evaluation.chain import chain_markdown
 from recognition.groups import GROUPS, group_members, parse_group_values
 from recognition.inference import install_model, model_methods, read_model_json
@@ -128,7 +128,8 @@ def test_sampler_bad_input(dataset, tmp_path):
     assert parse_sampler('balanced') == 'gender_skin' and parse_sampler('balanced:skin_colour') == 'skin'
     with pytest.raises(UserError, match=r"--sampler 'shuffled': choose uniform or balanced\[:ATTR\]"):
         parse_sampler('shuffled')
-    with pytest.raises(UserError, match=r"unknown protected attribute 'age' \(have \['gender', 'gender_skin', 'skin'\]"):
+    with pytest.raises(UserError, match=r"unknown protected attribute 'age' "
+                                        r"\(have \['gender', 'gender_skin', 'skin'\]"):
         parse_sampler('balanced:age')
     plain = FaceRecordDataset(os.path.join(write_rec(str(tmp_path / 'plain'), {(0, 0): 3}, attributes=False),
                                            'train.rec'))
@@ -296,7 +297,8 @@ def test_resumed_balanced_run_equals_the_straight_run(rec_dir, tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a)
     state = json.load(open(checkpoint.resume_file(os.path.join(str(tmp_path / 'b'), 'demo-arcface-demo', 'model'))))
     assert state['methods'] == ['sampler balanced:gender_skin', 'group-margin dark_female=0.6', 'fpr-penalty 0.5']
-    with pytest.raises(UserError, match=r"saved with the methods \[.*\], this run has \['sampler balanced:gender_skin'\]"):
+    with pytest.raises(UserError, match=r"saved with the methods \[.*\], this run has "
+                                        r"\['sampler balanced:gender_skin'\]"):
         TrainingSession(make_opts(rec_dir, tmp_path / 'b', resume=True, group_margin='', fpr_penalty=0))
 
 
