@@ -172,3 +172,83 @@ def identity_groups(dataset):
         attrs = dataset.identity_attributes(identity)
         out[identity] = group_name(int(attrs[gi]), int(attrs[si])) or 'unknown'
     return out
+
+
+# --- groups of a protected attribute, per identity (the fair-training switches) --------------------------
+# The rec attributes each protected attribute of ATTRIBUTES is read from.
+ATTRIBUTE_COLUMNS = {'gender': (GENDER,), 'skin': (SKIN,), GENDER_SKIN: (GENDER, SKIN)}
+_PROTECTED_ALIASES = {'skin_colour': 'skin', 'skin_color': 'skin', 'sex': 'gender', 'gender_x_skin': GENDER_SKIN,
+                      'skin_gender': GENDER_SKIN, 'skin_x_gender': GENDER_SKIN}
+
+
+def protected_attribute(name, where):
+    """An `ATTRIBUTES` key from a user's spelling (`gender`, `skin`/`skin_colour`, `gender_skin`)."""
+    key = str(name).strip().lower().replace(' ', '_').replace('-', '_')
+    key = _PROTECTED_ALIASES.get(key, key)
+    if key not in ATTRIBUTES:
+        raise UserError(f'{where}: unknown protected attribute {name!r} (have {sorted(ATTRIBUTES)})')
+    return key
+
+
+def _group_of(attribute, codes):
+    if attribute == GENDER_SKIN:
+        return group_name(*codes)
+    names = GENDER_NAMES if attribute == 'gender' else SKIN_NAMES
+    return names[codes[0]] if codes[0] in (0, 1) else None
+
+
+def identity_groups_of(dataset, attribute, where):
+    """{identity: its group of `attribute` (an `ATTRIBUTES` key), None for a code outside the vocabulary}.
+
+    A rec without the labels the attribute is made of is an error naming the labels it has.
+    """
+    columns = []
+    for name in ATTRIBUTE_COLUMNS[attribute]:
+        try:
+            columns.append(dataset.attribute_names.index(rec_attribute(name, dataset.attribute_names, where)))
+        except UserError:
+            raise UserError(f'{where}: {dataset.rec_paths[0]} has no {name!r} label, which {attribute} groups need '
+                            f'(its labels: {list(dataset.attribute_names) or "none"})') from None
+    out = {}
+    for identity in dataset.identities.tolist():
+        attrs = dataset.identity_attributes(identity)
+        codes = [int(attrs[c]) if float(attrs[c]).is_integer() else -1 for c in columns]
+        out[identity] = _group_of(attribute, codes)
+    return out
+
+
+def group_members(dataset, attribute, where, identities=None):
+    """{group name: sorted identities} for every group of `attribute` (empty lists included), over
+    `identities` (default all), and the number of identities whose codes fall outside the groups."""
+    of = identity_groups_of(dataset, attribute, where)
+    members = {name: [] for name in ATTRIBUTES[attribute]}
+    outside = 0
+    for identity in (sorted(int(i) for i in identities) if identities is not None else sorted(of)):
+        group = of.get(identity)
+        if group is None:
+            outside += 1
+        else:
+            members[group].append(identity)
+    return members, outside
+
+
+def parse_group_values(spec, where):
+    """`GROUP=VALUE[,GROUP=VALUE...]` (group names of one protected attribute) -> (attribute, {group: float})."""
+    values = {}
+    for part in str(spec).split(','):
+        name, sep, value = part.partition('=')
+        key = name.strip().lower().replace(' ', '_').replace('-', '_')
+        if not sep or not key or not value.strip():
+            raise UserError(f'{where}: expected GROUP=VALUE[,GROUP=VALUE...], got {spec!r}')
+        if key not in GROUP_CODES:
+            raise UserError(f'{where}: unknown group {name.strip()!r} (groups: '
+                            + '; '.join(f'{a}: {", ".join(g)}' for a, g in ATTRIBUTES.items()) + ')')
+        try:
+            values[key] = float(value)
+        except ValueError:
+            raise UserError(f'{where}: {name.strip()}={value.strip()!r} is not a number') from None
+    attributes = [a for a, names in ATTRIBUTES.items() if set(values) <= set(names)]
+    if not attributes:
+        raise UserError(f'{where}: {sorted(values)} mix protected attributes; name groups of one of '
+                        + '; '.join(f'{a} ({", ".join(g)})' for a, g in ATTRIBUTES.items()))
+    return attributes[0], values

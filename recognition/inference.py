@@ -23,7 +23,7 @@ from recognition.data.lst import list_images
 from recognition.utils import UserError, is_disk_full, no_space_error, read_json
 
 INPUT_SCALES = ('raw', 'normalized', 'unit')
-MODEL_JSON_KEYS = {'prefix', 'epoch', 'layer', 'color', 'input_scale'}
+MODEL_JSON_KEYS = {'prefix', 'epoch', 'layer', 'color', 'input_scale', 'methods'}
 MODEL_FOLDER_PREFIX = 'model'
 
 
@@ -172,15 +172,33 @@ def read_model_json(path):
         raise UserError(f'{meta_path}: "color" must be "rgb" or "bgr"')
     if meta['input_scale'] not in INPUT_SCALES:
         raise UserError(f'{meta_path}: "input_scale" must be one of {INPUT_SCALES}')
+    if not isinstance(meta.get('methods', []), list) or not all(isinstance(m, str) for m in meta.get('methods', [])):
+        raise UserError(f'{meta_path}: "methods" must be a list of strings')
     return meta
 
 
-def write_model_json(folder, epoch):
-    """The `model.json` of a model folder holding our checkpoint `model-NNNN` (fc1_output, RGB, raw input)."""
+def write_model_json(folder, epoch, methods=()):
+    """The `model.json` of a model folder holding our checkpoint `model-NNNN` (fc1_output, RGB, raw input),
+    with the bias-mitigation `methods` its run trained with when there are any."""
     meta = {'prefix': MODEL_FOLDER_PREFIX, 'epoch': int(epoch), 'layer': 'fc1_output', 'color': 'rgb',
             'input_scale': 'raw'}
+    if methods:
+        meta['methods'] = list(methods)
     with open(os.path.join(folder, 'model.json'), 'w') as f:
         f.write(json.dumps(meta) + '\n')
+
+
+def model_methods(model):
+    """The bias-mitigation methods that produced `model` (a model folder or `prefix,epoch`): the folder's
+    `model.json` "methods", or those its training run recorded in `prefix-resume.json`; [] when none."""
+    from recognition.checkpoint import parse_pretrained, resume_file
+    if os.path.isfile(os.path.join(str(model), 'model.json')):
+        return read_model_json(str(model)).get('methods', [])
+    path = resume_file(parse_pretrained(model)[0])
+    if not os.path.isfile(path):
+        return []
+    methods = read_json(path, 'unreadable resume state').get('methods', [])
+    return [str(m) for m in methods] if isinstance(methods, list) else []
 
 
 def install_model(run_dir, name, final_dir):
@@ -206,7 +224,7 @@ def install_model(run_dir, name, final_dir):
     try:
         for source, target in zip((symbol, params), checkpoint_files(os.path.join(tmp, MODEL_FOLDER_PREFIX), epoch)):
             shutil.copyfile(source, target)
-        write_model_json(tmp, epoch)
+        write_model_json(tmp, epoch, model_methods(f'{prefix},{epoch}'))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):

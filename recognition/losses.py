@@ -345,3 +345,91 @@ def build_head(loss_name, num_classes, emb_size, **cfg):
     cls, kwargs = head_preset(loss_name)
     kwargs.update({HEAD_ARGS.get(k, k): v for k, v in cfg.items()})
     return cls(num_classes, emb_size, **kwargs)
+
+
+class GroupMarginHead(MarginHead):
+    """``MarginHead`` with the additive angular margin per sample (``--group-margin``): sample i's m2 is
+    ``class_m2[y_i]``, the margin of its identity's protected group; s, m1, m3 and easy_margin as the preset.
+
+    Target logit ``s * (cos(m1 * theta + m2_i) - m3)``; with m1 == 1 and m3 == 0 (the ArcFace family) the
+    ``MarginHead`` guard per sample where theta + m2_i > pi (``s * (cos - m2_i * sin(m2_i))``), or easy margin.
+    The per-identity table is not a parameter: checkpoints hold ``fc7_weight`` only, and the training graph a
+    checkpoint saves (``checkpoint.training_symbol``, symbolic input) carries the preset's scalar m2.
+    """
+
+    def __init__(self, num_classes, emb_size, class_m2, **kwargs):
+        super().__init__(num_classes, emb_size, **kwargs)
+        if not self.s:
+            raise ValueError('GroupMarginHead needs a scale s (a margin-softmax head)')
+        self.class_m2 = np.asarray(class_m2, np.float32).reshape(num_classes)
+        self._m2 = {}
+
+    def forward(self, emb, label):
+        if isinstance(emb, mx.nd.NDArray):
+            table = self._m2.get(emb.context)
+            if table is None:
+                table = self._m2[emb.context] = mx.nd.array(self.class_m2, ctx=emb.context)
+            return super().forward(emb, label, mx.nd.take(table, label))
+        return super().forward(emb, label)
+
+    def hybrid_forward(self, F, emb, label, m2=None, fc7_weight=None):
+        if m2 is None:
+            return super().hybrid_forward(F, emb, label, fc7_weight)
+        s = self.s
+        fc7 = _scaled_cosine(F, emb, fc7_weight, self.num_classes, s)
+        zy = F.pick(fc7, label, axis=1)
+        cos_t = F.clip(zy / s, -_COS_LIMIT, _COS_LIMIT)
+        new_zy = (F.cos(F.arccos(cos_t) * self.m1 + m2) - self.m3) * s
+        if self.m1 == 1.0 and self.m3 == 0.0:
+            if self.easy_margin:
+                cond, zy_keep = cos_t > 0.0, zy
+            else:
+                cond = cos_t > F.cos(math.pi - m2)
+                zy_keep = zy - s * F.sin(math.pi - m2) * m2
+            new_zy = F.where(cond, new_zy, zy_keep)
+        diff = F.expand_dims(new_zy - zy, 1)
+        return fc7 + F.broadcast_mul(F.one_hot(label, depth=self.num_classes), diff)
+
+
+def build_group_margin_head(loss_name, num_classes, emb_size, identity_m2, **cfg):
+    """The ``--loss`` preset's margin head with m2 per identity: ``identity_m2`` {identity: m2}; the other
+    identities keep the preset's (or ``--loss-m2``'s) m2. Only margin-softmax heads (with a scale) have m2."""
+    cls, kwargs = head_preset(loss_name)
+    kwargs.update({HEAD_ARGS.get(k, k): v for k, v in cfg.items()})
+    if cls is not MarginHead or not kwargs.get('s'):
+        raise UserError(f'--group-margin sets the additive angular margin m2 of a margin-softmax head '
+                        f'(--loss arcface, combined, cosface, nsoftmax), not --loss {loss_name}')
+    class_m2 = np.full(num_classes, float(kwargs.get('m2') or 0.0), np.float32)
+    for identity, m2 in identity_m2.items():
+        class_m2[int(identity)] = m2
+    arc = float(kwargs.get('m1', 1.0)) == 1.0 and not float(kwargs.get('m3') or 0.0)
+    bad = [m for m in set(identity_m2.values()) if m < 0 or (arc and m >= math.pi / 2)]
+    if bad:
+        raise UserError(f'--group-margin: m2 {min(bad)} outside [0, pi/2) (the ArcFace margin range)'
+                        if arc else f'--group-margin: m2 {min(bad)} is negative')
+    return GroupMarginHead(num_classes, emb_size, class_m2, **kwargs)
+
+
+def fpr_penalty(cos, label, target_fpr=0.0):
+    """The instance-FPR consistency penalty after Xu et al., "Consistent Instance False Positive Improves
+    Fairness in Face Recognition" (CVPR 2021; docs/metrics.md): no demographic labels, only the batch.
+
+    ``cos``: N x C cosines of the batch's embeddings to every class centre (fc7 rows), differentiable;
+    ``label``: N identities. The threshold t is the k-th largest of the N(C-1) negative cosines, k =
+    ceil(u N (C-1)) for the target FPR u (0: 1/(C-1), one false positive per instance on average, as the
+    paper's code). Instance i's FPR counts its negatives at or above t, each weighted (1 + cos)/2 so that the
+    count has a gradient (the indicator alone has none): F_i = sum_{j != y_i, cos_ij >= t} (1 + cos_ij)/2 / (C-1).
+    Returns the relative mean absolute deviation mean_i |F_i - F| / F, F = mean_i F_i (a 1-element NDArray);
+    t is a constant of the step (no gradient through the selection).
+    """
+    n, c = cos.shape
+    u = float(target_fpr) or 1.0 / (c - 1)
+    k = int(min(n * (c - 1), max(1, math.ceil(u * n * (c - 1)))))
+    target = mx.nd.one_hot(label, c, dtype=cos.dtype)
+    with autograd.pause():
+        negatives = cos.detach() - 3.0 * target           # a target cosine (>= -1) lands below every negative
+        t = mx.nd.topk(negatives.reshape(-1), k=k, ret_typ='value').min().reshape((1, 1))
+        above = mx.nd.broadcast_greater_equal(negatives, t) * (1.0 - target)
+    fpr = mx.nd.sum(above * (1.0 + cos) * 0.5, axis=1) / (c - 1)
+    mean = fpr.mean()
+    return mx.nd.abs(fpr - mean).mean() / mean

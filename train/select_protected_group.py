@@ -14,6 +14,7 @@ import os
 from recognition.evaluation.chain import append_chain_row, choose_group, evaluate_checkpoint
 from recognition.evaluation.fairness import WORST_GROUP_CRITERIA, evaluate_predictions
 from recognition.groups import GROUP_FILE
+from recognition.inference import model_methods
 from recognition.utils import UserError, add_device_args, parse_contexts, run_cli, write_json
 
 
@@ -62,8 +63,9 @@ def main(argv=None):
         print(f'  {group:13s} ' + '  '.join(f'{k} {"n/a" if v is None else "%.4f" % v}' for k, v in n.items()))
     print(f'most discriminated group ({args.criterion}): {choice["group"]} {choice["codes"]}; wrote {args.out}')
     if args.table:
+        methods = model_methods(args.model) if args.model else []
         print(append_chain_row(args.table, args.step, choice['model'], result, predictions=predictions,
-                               val_dir=args.val_dir, seed=args.seed), end='')
+                               val_dir=args.val_dir, seed=args.seed, methods=methods), end='')
         print(f'wrote {args.table}.json, {args.table}.md')
 
 

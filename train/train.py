@@ -37,6 +37,19 @@ def parse_args(argv=None):
                    help='train only on one protected group: dark_female, gender=0,skin_colour=1, the seed index '
                         'gender*2+skin_colour (0..3), or auto[:file] = the choice of '
                         'train/select_protected_group.py (default file <models-root>/protected_group.json)')
+    p.add_argument('--sampler', default='',
+                   help='balanced[:ATTR]: every batch draws the protected groups of ATTR (gender, skin or '
+                        'gender_skin, the default) equally, an identity of the group uniformly, an image of it '
+                        'uniformly; uniform or empty: every image once per epoch')
+    p.add_argument('--group-margin', default='',
+                   help='GROUP=M2[,GROUP=M2...]: the additive angular margin m2 of the identities of each named '
+                        'protected group (e.g. dark_female=0.6,dark_male=0.55; groups of one attribute), the '
+                        "others keep the preset's; margin-softmax heads (arcface, combined, ...)")
+    p.add_argument('--fpr-penalty', type=float, default=0.0,
+                   help='weight of the instance-FPR consistency penalty (Xu et al. CVPR 2021, docs/metrics.md) '
+                        'added to the loss; 0 off')
+    p.add_argument('--fpr-target', type=float, default=0.0,
+                   help="the batch FPR that sets the penalty's threshold; 0: 1/(classes-1)")
     p.add_argument('--ckpt', type=int, default=default.ckpt, choices=(0, 1, 2, 3),
                    help='0 never save; 1 save when the last val target improves; 2 save every --verbose '
                         'batches; 3 like 1 but always as model-0001')
@@ -101,6 +114,8 @@ def parse_args(argv=None):
     opts.val_targets = [t for t in args.val_targets.split(',') if t.strip()]
     if args.easy_margin and 'easy_margin' not in config:
         p.error(f'--easy-margin applies to --loss arcface only, not {known.loss}')
+    if args.fpr_penalty < 0 or not 0 <= args.fpr_target < 1:
+        p.error('--fpr-penalty must be >= 0 and --fpr-target in [0, 1)')
     if args.data_color < 0 or args.data_images_filter < 0 or args.data_cutoff < 0:
         p.error('--data-color, --data-cutoff and --images-filter must be >= 0')
     # insightface's data_color is a level, not a strength: 1 jitters with its 0.125, 2 adds compression.

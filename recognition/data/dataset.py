@@ -351,12 +351,14 @@ class FaceLoader:
     """Batches (data NDArray Bx3xHxW float32, label NDArray) from a FaceRecordDataset."""
 
     def __init__(self, dataset, batch_size, num_workers=0, shuffle=True, seed=0, identities=None,
-                 last_batch='discard', start_batch=0, epoch=0, part=None):
-        indices = dataset.indices_of(identities) if identities is not None else np.arange(len(dataset))
-        if indices.size == 0:
-            raise UserError(f'{dataset.rec_paths[0]}: no samples to load')
+                 last_batch='discard', start_batch=0, epoch=0, part=None, sampler=None):
         self.batch_size = batch_size
-        self.sampler = EpochSampler(indices, shuffle=shuffle, seed=seed, part=part)
+        if sampler is None:
+            indices = dataset.indices_of(identities) if identities is not None else np.arange(len(dataset))
+            if indices.size == 0:
+                raise UserError(f'{dataset.rec_paths[0]}: no samples to load')
+            sampler = EpochSampler(indices, shuffle=shuffle, seed=seed, part=part)
+        self.sampler = sampler
         self.sampler.set_epoch(epoch, start_batch * batch_size)
         self.batch_sampler = gluon.data.BatchSampler(self.sampler, batch_size, last_batch)
         self._loader = gluon.data.DataLoader(_BatchReader(dataset, shared=num_workers > 0, seed=seed),
@@ -380,12 +382,13 @@ class FaceLoader:
 
 
 def train_loader(dataset, batch_size, num_workers=0, shuffle=True, seed=0, identities=None,
-                 last_batch='discard', start_batch=0, epoch=0, part=None):
+                 last_batch='discard', start_batch=0, epoch=0, part=None, sampler=None):
     """The training loader: gluon DataLoader with worker processes, an epoch-seeded order, an optional
-    identity subset (step 3, hard samples) and an optional `part=(rank, workers)` slice (dist kvstore)."""
+    identity subset (step 3, hard samples) and an optional `part=(rank, workers)` slice (dist kvstore).
+    `sampler` (an EpochSampler, e.g. `sampler.BalancedSampler`) replaces the uniform order."""
     return FaceLoader(dataset, batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
                       identities=identities, last_batch=last_batch, start_batch=start_batch, epoch=epoch,
-                      part=part)
+                      part=part, sampler=sampler)
 
 
 def _caption(dataset, label, width, scale):

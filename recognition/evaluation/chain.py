@@ -100,15 +100,17 @@ def _fmt(v, digits=4):
 
 
 def chain_markdown(rows):
-    """The chain table as markdown: one row per step, accuracy then bias."""
-    head = (['step', 'model', 'AUC', 'TAR@FAR1e-3'] + [f'AUC {g}' for g in GROUPS]
+    """The chain table as markdown: one row per step (with the bias-mitigation methods that trained its
+    model, `inference.model_methods`), accuracy then bias."""
+    head = (['step', 'model', 'methods', 'AUC', 'TAR@FAR1e-3'] + [f'AUC {g}' for g in GROUPS]
             + ['group AUC gap', 'FMR@EER dark_female', 'FMR ratio@EER', 'FNMR ratio@EER', 'rank bias +',
                'rank bias -'])
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
         s = r['summary']
         groups = s['groups']
-        cells = ([r['step'], '/'.join(r['model'].split('/')[-2:]), _fmt(s['auc'], 5), _fmt(s['tar_at_far_1e-3'])]
+        cells = ([r['step'], '/'.join(r['model'].split('/')[-2:]), '; '.join(r.get('methods') or []) or '-',
+                  _fmt(s['auc'], 5), _fmt(s['tar_at_far_1e-3'])]
                  + [_fmt(groups.get(g, {}).get('auc')) for g in GROUPS]
                  + [_fmt(s['group_auc_gap']), _fmt(groups.get('dark_female', {}).get('fmr_eer')),
                     _fmt(s['fmr_ratio_at_eer'], 2), _fmt(s['fnmr_ratio_at_eer'], 2),

@@ -28,7 +28,7 @@ from recognition import checkpoint, distributed
 from recognition.config import HEAD_ARGS
 from recognition.data.bin import load_verification_set
 from recognition.data.shards import training_recs
-from recognition.groups import select_identities
+from recognition.groups import group_members, parse_group_values, resolve_group_spec, select_identities
 from recognition.locking import folder_lock
 from recognition.utils import UserError
 from recognition.training import kvstore as kvstore_setup
@@ -82,6 +82,26 @@ def freeze(net, block):
 def head_kwargs(opts):
     """The loss settings present in `opts`, under insightface's names (loss_s, loss_m2, ...) that build_head takes."""
     return {k: opts[k] for k in HEAD_ARGS if opts.get(k) is not None}
+
+
+def training_methods(opts):
+    """The bias-mitigation switches a run trains with, as short strings (`sampler balanced:gender_skin`):
+    kept in `model-resume.json` and copied into the model folder's `model.json` for the chain table."""
+    out = []
+    if opts.get('selected_attributes'):
+        out.append('selected-attributes %s' % resolve_group_spec(opts.selected_attributes,
+                                                                 opts.get('models_root', '.'))[0])
+    from recognition.data.sampler import parse_sampler   # here: see the note on imports in the module docstring
+    attribute = parse_sampler(opts.get('sampler'))
+    if attribute is not None:
+        out.append('sampler balanced:%s' % attribute)
+    if opts.get('group_margin'):
+        _, margins = parse_group_values(opts.group_margin, f'--group-margin {opts.group_margin}')
+        out.append('group-margin ' + ','.join('%s=%g' % kv for kv in margins.items()))
+    if opts.get('fpr_penalty'):
+        target = opts.get('fpr_target') or 0
+        out.append('fpr-penalty %g' % opts.fpr_penalty + (' fpr %g' % target if target else ''))
+    return out
 
 
 def load_val_sets(opts, image_size):
@@ -145,6 +165,7 @@ class TrainingSession:
         if opts.get('selected_attributes'):
             self.identities = select_identities(self.dataset, opts.selected_attributes,
                                                 opts.get('models_root', '.'), log=self.log.info)
+        self.methods = training_methods(opts)
         self.loader = None
         # The rec's property file is authoritative for the image size (as for the class count).
         self.image_size = tuple(int(v) for v in self.dataset.image_size)
@@ -153,6 +174,16 @@ class TrainingSession:
         if self.steps_per_epoch == 0:
             raise UserError(f'{opts.dataset_path}: {len(self.dataset)} training images, fewer than one batch '
                             f'of {self.batch_size}')
+        self.sampler = None
+        from recognition.data.sampler import balanced_sampler, parse_sampler   # here: see the note on imports
+        attribute = parse_sampler(opts.get('sampler'))
+        if attribute is not None:
+            self.sampler = balanced_sampler(self.dataset, attribute, self.batch_size, self._samples_per_worker(),
+                                            seed=self.seed, rank=self.topology.rank, identities=self.identities,
+                                            log=self.log.info)
+        self.fpr_weight = float(opts.get('fpr_penalty') or 0)
+        self.fpr_target = float(opts.get('fpr_target') or 0)
+        self._fpr_window = []
 
         # Reproducible initialisation; the per-step reseed below keeps dropout reproducible too.
         mx.random.seed(self.seed)
@@ -241,10 +272,14 @@ class TrainingSession:
             # Networks are built for 112x112 unless the dataset's property says otherwise.
             size = {} if self.image_size == (112, 112) else {'input_size': self.image_size[0]}
             net = get_model(opts.network, emb_size=opts.emb_size, **size)
+        if head is None and opts.get('group_margin'):
+            head = self._group_margin_head()
         if head is None:
             from recognition.losses import build_head
             head = build_head(opts.loss, self.num_classes, opts.emb_size, fc7_lr_mult=opts.fc7_lr_mult,
                               fc7_wd_mult=opts.fc7_wd_mult, **head_kwargs(opts))
+        if self.fpr_weight and not hasattr(head, 'cosine'):
+            raise UserError(f'--fpr-penalty needs a head with fc7 cosines, not {type(head).__name__}')
         init_params(net, ctx=self.contexts)
         head.initialize(ctx=self.contexts)
         # One forward completes Gluon's deferred initialisation, so shapes exist for loading.
@@ -259,6 +294,26 @@ class TrainingSession:
         net.hybridize(static_alloc=True, static_shape=True)
         head.hybridize(static_alloc=True, static_shape=True)
         return net, head
+
+    def _group_margin_head(self):
+        """`--group-margin GROUP=M2,...`: the preset's margin head with m2 per identity by its protected group."""
+        from recognition.losses import build_group_margin_head
+        opts = self.opts
+        where = f'--group-margin {opts.group_margin}'
+        attribute, margins = parse_group_values(opts.group_margin, where)
+        members, _ = group_members(self.dataset, attribute, where)
+        counts = ', '.join(f'{g} {len(ids)}' for g, ids in members.items())
+        empty = [g for g in margins if not members[g]]
+        if empty:
+            raise UserError(f'{self.dataset.rec_paths[0]}: {where}: no identity in group {", ".join(empty)} '
+                            f'(identities per group: {counts})')
+        identity_m2 = {i: m2 for g, m2 in margins.items() for i in members[g]}
+        head = build_group_margin_head(opts.loss, self.num_classes, opts.emb_size, identity_m2,
+                                       fc7_lr_mult=opts.fc7_lr_mult, fc7_wd_mult=opts.fc7_wd_mult,
+                                       **head_kwargs(opts))
+        self.log.info('%s: m2 per %s group %s (identities per group: %s); other identities m2 %g', where, attribute,
+                      ', '.join('%s %g' % kv for kv in margins.items()), counts, head.m2)
+        return head
 
     def _build_tasks(self):
         """`--center-loss-weight` and `--attr-heads` (losses.AuxiliaryTasks), or None when both are off."""
@@ -299,7 +354,7 @@ class TrainingSession:
         return {'step': self.step, 'epoch': self.epoch, 'batch_in_epoch': self.batch_in_epoch,
                 'save_step': self.save_step, 'highest_acc': self.highest_acc, 'seed': self.seed,
                 'global_batch': self.global_batch, 'num_classes': self.num_classes,
-                'plateau': self.plateau.state_dict(),
+                'plateau': self.plateau.state_dict(), 'methods': self.methods,
                 'run': {'network': self.opts.network, 'loss': self.opts.loss, 'dataset': self.opts.dataset}}
 
     def _resume(self):
@@ -317,6 +372,12 @@ class TrainingSession:
         self.save_step = state['save_step']
         self.highest_acc = list(state['highest_acc'])
         self.seed = state['seed']
+        if self.sampler is not None:
+            self.sampler.seed = self.seed
+        if state.get('methods', []) != self.methods:
+            raise UserError(f'{checkpoint.resume_file(self.prefix)}: saved with the methods '
+                            f'{state.get("methods", [])}, this run has {self.methods}: resume with the same '
+                            f'--selected-attributes, --sampler, --group-margin and --fpr-penalty')
         self.plateau.load_state_dict(state['plateau'])
         self._join_kvstore()
         if state['states'] and not self.topology.server_updates:
@@ -377,7 +438,8 @@ class TrainingSession:
             self.loader = train_loader(self.dataset, self.batch_size,
                                        num_workers=self.opts.get('num_workers', 0), shuffle=True,
                                        seed=self.seed, identities=self.identities, last_batch='discard',
-                                       part=self.topology.part if self.shard_samples is None else None)
+                                       part=self.topology.part if self.shard_samples is None else None,
+                                       sampler=self.sampler)
         self.loader.set_epoch(epoch, start_batch)
         return self.loader
 
@@ -481,6 +543,11 @@ class TrainingSession:
                 emb = self.net(x)
                 out = self.head(emb, y)
                 loss = self.loss_fn(out, y)
+                if self.fpr_weight:
+                    from recognition.losses import fpr_penalty   # here: see the note on imports above
+                    penalty = fpr_penalty(self.head.cosine(emb), y, self.fpr_target)
+                    loss = loss + self.fpr_weight * penalty
+                    self._fpr_window.append(penalty.detach())
                 if aux is not None:
                     loss, record = self.tasks(emb, y, aux[i], loss)
                     records.append(record)
@@ -552,6 +619,12 @@ class TrainingSession:
                         self.log.info('Epoch[%d] Batch[%d] %s', self.epoch, self.batch_in_epoch,
                                       ' '.join('%s=%f' % kv for kv in parts.items()))
                         self.monitor.scalars(self.step, {'train/' + k: v for k, v in parts.items()})
+                    if logged is not None and self._fpr_window:
+                        value = float(np.mean([p.asscalar() for p in self._fpr_window]))
+                        self._fpr_window = []
+                        self.log.info('Epoch[%d] Batch[%d] fpr_penalty=%f (weight %g, in the loss)', self.epoch,
+                                      self.batch_in_epoch, value, self.fpr_weight)
+                        self.monitor.scalars(self.step, {'train/fpr_penalty': value})
                     if self.step % 1000 == 0:
                         self.log.info('lr-batch-epoch: %g %d %d', lr, self.batch_in_epoch, self.epoch)
                     if self.step % int(opts.verbose) == 0:
