@@ -479,7 +479,7 @@ def _reason(path, point, support):
     return None
 
 
-def _interval(values, reason, replicates):
+def percentile_interval(values, reason, replicates):
     """The percentile interval over the replicates where the number is defined (a resample can leave a
     small group without pairs of one polarity); n/a when that happens in more than MAX_UNDEFINED of them."""
     if reason is not None:
@@ -521,7 +521,8 @@ def bootstrap(pairs, result, replicates=REPLICATES, seed=0):
     {'n/a': reason}}, 'worst_group': ...}."""
     measures = replicate_measures([WeightedEvaluation(pairs)], replicates, seed)[0]
     support = group_support(pairs)
-    values = {p: _interval(v, _reason(p, value_at(result, p), support), replicates) for p, v in measures.items()}
+    values = {p: percentile_interval(v, _reason(p, value_at(result, p), support), replicates)
+              for p, v in measures.items()}
     return {'replicates': replicates, 'seed': seed, 'level': LEVEL, 'rule': RULE, 'values': values,
             'worst_group': worst_group_ranking(result, measures, values)}
 
@@ -541,7 +542,7 @@ def compare(pairs_a, result_a, pairs_b, result_b, replicates=REPLICATES, seed=0,
     for path in ma:
         a, b = value_at(result_a, path), value_at(result_b, path)
         reason = _reason(path, a, support) or _reason(path, b, support)
-        iv = _interval(mb[path] - ma[path], reason, replicates)
+        iv = percentile_interval(mb[path] - ma[path], reason, replicates)
         lo_hi = iv.get('interval')
         out[path] = {'first': a, 'second': b, 'difference': None if a is None or b is None else b - a, **_tag(iv),
                      'excludes_0': None if lo_hi is None else bool(lo_hi[0] > 0 or lo_hi[1] < 0)}
