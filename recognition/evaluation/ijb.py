@@ -211,7 +211,10 @@ def pair_index(unique_templates, t1, t2):
 
 def tar_at_far(labels, scores, far_labels=FAR_LABELS, sample_weight=None):
     """{far: TAR}: insightface's reading of sklearn's ROC, the TPR at the point whose FPR is nearest
-    the target (the reversed curve's first such point, i.e. the highest TPR on a tie)."""
+    the target (the reversed curve's first such point, i.e. the highest TPR on a tie). NaN when the
+    weights leave no genuine or no impostor pair."""
+    if sample_weight is not None and not (sample_weight[labels == 1].any() and sample_weight[labels == 0].any()):
+        return {far: float('nan') for far in far_labels}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', UndefinedMetricWarning)
         fpr, tpr, _ = roc_curve(labels, scores, sample_weight=sample_weight)
