@@ -236,3 +236,19 @@ def test_cli_options_change_the_scores_and_bad_input_is_one_line(ijb_set, cli_ru
     (bad / 'meta' / 'ijbc_face_tid_mid.txt').write_text('1.jpg 1 1\n')
     with pytest.raises(UserError, match=r'loose_crop/1.jpg: cannot read image'):
         cli.main(cli_args(ijb_set, tmp_path / 'x', '--image-path', str(bad)))
+
+
+def test_generated_layouts_are_seeded(tmp_path):
+    sizes = DemoSizes(ijbc_ids=4, rfw_ids=4, bfw_ids=4, bench_images=2)
+    trees = []
+    for name, seed in (('a', 0), ('b', 0), ('c', 1)):
+        for only in ('ijbc', 'rfw', 'bfw'):
+            build_demo(tmp_path / name, seed=seed, only=only, sizes=sizes, log=lambda *a: None)
+        files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / name)
+                       for d, _, fs in os.walk(tmp_path / name) for f in fs)
+        trees.append({f: (tmp_path / name / f).read_bytes() for f in files})
+    assert trees[0] == trees[1] and trees[0] != trees[2]
+    assert {'demo_ijbc/meta/ijbc_face_tid_mid.txt', 'demo_rfw/txts/Indian/Indian_pairs.txt',
+            'demo_bfw/bfw-datatable.csv'} <= set(trees[0])
+    # the emore and fairface sets are not built unless named
+    assert not os.path.exists(tmp_path / 'a' / 'demo_emore')
