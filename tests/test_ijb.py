@@ -252,3 +252,20 @@ def test_generated_layouts_are_seeded(tmp_path):
             'demo_bfw/bfw-datatable.csv'} <= set(trees[0])
     # the emore and fairface sets are not built unless named
     assert not os.path.exists(tmp_path / 'a' / 'demo_emore')
+
+
+def test_replicate_roc_is_sklearns_weighted_roc():
+    rng = np.random.RandomState(4)
+    n, ids = 3000, 400
+    labels = (rng.rand(n) < 0.1).astype(int)
+    scores = np.round(rng.rand(n) + 0.3 * labels, 3)   # many ties
+    s1, s2 = rng.randint(0, ids, n), rng.randint(0, ids + 1, n)   # ids: the counts' last column, 1
+    ranked = ijb.SortedPairs(labels, scores, s1, s2)
+    targets = (1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5)
+    for r in range(3):
+        counts = np.r_[rng.poisson(1.0, ids) if r else np.ones(ids), 1].astype(np.float64)
+        w = counts[s1] * counts[s2]
+        assert ranked.tar_at_far(counts, targets) == ijb.tar_at_far(labels, scores, targets, sample_weight=w)
+    no_impostor = np.r_[np.zeros(ids), 1]
+    assert np.isnan(ijb.SortedPairs(labels, scores, np.where(labels == 1, ids, 0), np.full(n, ids))
+                    .tar_at_far(no_impostor, targets)[0.1])

@@ -17,7 +17,7 @@ sklearn's ROC: the TPR of the ROC point whose FPR is nearest the target.
 
 Intervals: templates linked by genuine pairs are one person (the pair file's labels are the only
 identities the 1:1 meta files carry), so the subject-level bootstrap of `bootstrap.py` resamples those
-linked groups; every replicate re-reads the weighted ROC the same way.
+linked groups; every replicate re-reads its weighted ROC (sklearn's, rebuilt on the one sort) the same way.
 """
 import os
 import warnings
@@ -187,14 +187,14 @@ def pool_templates(feats, templates, medias):
     """(L2-normalised template features, sorted template ids): per template, the sum over its media of
     each medium's mean face feature."""
     uniq_t, t_index = np.unique(templates, return_inverse=True)
-    keys, m_index = np.unique(np.stack([t_index.ravel(), medias]), axis=1, return_inverse=True)
-    m_index = m_index.ravel()
-    n, n_media = len(templates), keys.shape[1]
+    span = int(medias.max() - medias.min()) + 1
+    keys, m_index = np.unique(t_index.astype(np.int64) * span + (medias - medias.min()), return_inverse=True)
+    n, n_media = len(templates), len(keys)
     per_media = np.bincount(m_index, minlength=n_media).astype(np.float64)
     mean_of_media = sparse.csr_matrix((1.0 / per_media[m_index], (m_index, np.arange(n))), shape=(n_media, n))
-    media_to_template = sparse.csr_matrix((np.ones(n_media), (keys[0], np.arange(n_media))),
+    media_to_template = sparse.csr_matrix((np.ones(n_media), (keys // span, np.arange(n_media))),
                                           shape=(len(uniq_t), n_media))
-    return normalize(media_to_template @ (mean_of_media @ feats)), uniq_t
+    return normalize((media_to_template @ mean_of_media) @ feats), uniq_t   # no (media x D) intermediate
 
 
 def pair_index(unique_templates, t1, t2):
@@ -209,17 +209,51 @@ def pair_index(unique_templates, t1, t2):
     return np.where(miss1, 0, i1), np.where(miss2, 0, i2), missing, absent
 
 
+def nearest_tar(fpr, tpr, far_labels=FAR_LABELS):
+    """{far: TAR}: insightface's reading of a ROC, the TPR at the point whose FPR is nearest the target
+    (the reversed curve's first such point, i.e. the highest TPR on a tie)."""
+    fpr, tpr = fpr[::-1], tpr[::-1]
+    return {far: float(tpr[int(np.argmin(np.abs(fpr - far)))]) for far in far_labels}
+
+
 def tar_at_far(labels, scores, far_labels=FAR_LABELS, sample_weight=None):
-    """{far: TAR}: insightface's reading of sklearn's ROC, the TPR at the point whose FPR is nearest
-    the target (the reversed curve's first such point, i.e. the highest TPR on a tie). NaN when the
+    """{far: TAR} on sklearn's ROC of the pairs (optionally weighted), read by `nearest_tar`. NaN when the
     weights leave no genuine or no impostor pair."""
     if sample_weight is not None and not (sample_weight[labels == 1].any() and sample_weight[labels == 0].any()):
         return {far: float('nan') for far in far_labels}
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', UndefinedMetricWarning)
         fpr, tpr, _ = roc_curve(labels, scores, sample_weight=sample_weight)
-    fpr, tpr = fpr[::-1], tpr[::-1]
-    return {far: float(tpr[int(np.argmin(np.abs(fpr - far)))]) for far in far_labels}
+    return nearest_tar(fpr, tpr, far_labels)
+
+
+class SortedPairs:
+    """One method's pairs sorted by score once, for the bootstrap: each replicate's weighted ROC is sklearn's
+    `roc_curve(labels, scores, sample_weight=w)` rebuilt from sums over the tie blocks (blocks without weight
+    dropped, as sklearn drops zero weights; then `drop_intermediate`'s corners), without sorting again.
+    Weights are products of identity counts (integers), so every sum is exact and the curve is sklearn's."""
+
+    def __init__(self, labels, scores, s1, s2):
+        order = np.argsort(-scores, kind='stable')
+        self.s1, self.s2 = s1[order], s2[order]   # the weights come out in score order
+        self.pos = (labels[order] == 1).astype(np.float64)
+        self.starts = np.r_[0, np.nonzero(np.diff(scores[order]))[0] + 1]
+
+    def tar_at_far(self, counts, far_labels=FAR_LABELS):
+        """{far: TAR} under identity counts (the pair weights are counts[s1] * counts[s2])."""
+        w = counts[self.s1] * counts[self.s2]
+        pos_w = np.add.reduceat(w * self.pos, self.starts)
+        all_w = np.add.reduceat(w, self.starts)
+        keep = all_w > 0
+        tps = np.cumsum(pos_w[keep])
+        fps = np.cumsum(all_w[keep] - pos_w[keep])
+        if not (len(tps) and tps[-1] > 0 and fps[-1] > 0):
+            return {far: float('nan') for far in far_labels}
+        if len(fps) > 2:
+            corner = np.nonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])[0]
+            fps, tps = fps[corner], tps[corner]
+        fps, tps = np.r_[0, fps], np.r_[0, tps]
+        return nearest_tar(fps / fps[-1], tps / tps[-1], far_labels)
 
 
 def linked_subjects(t1, t2, labels):
@@ -239,12 +273,12 @@ def bootstrap_tar(labels, score_sets, t1, t2, replicates=REPLICATES, seed=0, far
     s1, s2, n = linked_subjects(t1, t2, labels)
     s2 = np.where(s2 == s1, n, s2)  # a pair within one unit counts k times (counts' last column is 1)
     values = {m: {far: np.empty(replicates) for far in far_labels} for m in score_sets}
+    ranked = {m: SortedPairs(labels, scores, s1, s2) for m, scores in score_sets.items()}
     for first in range(0, replicates, CHUNK):
         counts = subject_counts(n, seed, first, min(CHUNK, replicates - first)).astype(np.float64)
         for j, c in enumerate(counts):
-            w = c[s1] * c[s2]
-            for m, scores in score_sets.items():
-                for far, tar in tar_at_far(labels, scores, far_labels, sample_weight=w).items():
+            for m, pairs in ranked.items():
+                for far, tar in pairs.tar_at_far(c, far_labels).items():
                     values[m][far][first + j] = tar
     return {m: {far: percentile_interval(v, None, replicates) for far, v in per.items()} for m, per in values.items()}
 
