@@ -55,7 +55,7 @@ class DemoSizes:
     eval_pairs: int = 3000      # pairs in each of val and test
     ijbc_ids: int = 24          # subjects of the IJB-C-shaped set (two templates each)
     rfw_ids: int = 8            # identities in each RFW-shaped subset
-    bfw_ids: int = 4            # identities in each BFW-shaped subgroup
+    bfw_ids: int = 8            # identities in each BFW-shaped subgroup
     bench_images: int = 4       # images per RFW / BFW identity
 
     def check(self):
