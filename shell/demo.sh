@@ -16,6 +16,7 @@ python data_process/show_record.py --rec datasets/demo_fairface/train.rec --out 
 ./shell/hard_sample_step1.sh
 ./shell/hard_sample_step2.sh
 ./shell/do.sh
+if [ "${DEMO_BENCHMARKS:-0}" = 1 ]; then ./shell/benchmarks_demo.sh; fi
 echo
 echo "== AUC and bias per step (validation pairs; models/chain_table.md) =="
 cat models/chain_table.md

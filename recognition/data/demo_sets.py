@@ -32,7 +32,13 @@ EMORE_SHARES = {(1, 0): 0.50, (0, 0): 0.25, (1, 1): 0.17, (0, 1): 0.08}
 FAIRFACE_SHARES = {(1, 0): 0.36, (0, 0): 0.30, (1, 1): 0.22, (0, 1): 0.12}
 BALANCED_SHARES = {g: 0.25 for g in GROUPS}
 # Each split's code in every random stream's seed.
-SPLIT_CODES = {'emore': 1, 'emore_ver': 2, 'train': 3, 'val': 4, 'test': 5}
+SPLIT_CODES = {'emore': 1, 'emore_ver': 2, 'train': 3, 'val': 4, 'test': 5, 'ijbc': 6, 'rfw': 7, 'bfw': 8}
+# The benchmark layouts' stand-in demography: RFW subsets and BFW ethnicities drawn as light or dark skin.
+RFW_SUBSETS = {'African': 1, 'Asian': 0, 'Caucasian': 0, 'Indian': 1}
+BFW_ETHNICITIES = {'asian': ('A', 0), 'black': ('B', 1), 'indian': ('I', 1), 'white': ('W', 0)}
+BFW_GENDERS = {'females': ('F', 0), 'males': ('M', 1)}
+BFW_CSV = 'bfw-datatable.csv'
+BFW_COLUMNS = ('fold', 'p1', 'p2', 'label', 'id1', 'id2', 'att1', 'att2', 'a1', 'a2', 'g1', 'g2', 'e1', 'e2')
 
 
 @dataclass
@@ -47,6 +53,10 @@ class DemoSizes:
     eval_ids: int = 40          # identities in each of val and test (balanced over the 4 groups)
     eval_images: int = 10       # photos per val/test identity
     eval_pairs: int = 3000      # pairs in each of val and test
+    ijbc_ids: int = 24          # subjects of the IJB-C-shaped set (two templates each)
+    rfw_ids: int = 8            # identities in each RFW-shaped subset
+    bfw_ids: int = 8            # identities in each BFW-shaped subgroup
+    bench_images: int = 4       # images per RFW / BFW identity
 
     def check(self):
         for name, value in vars(self).items():
@@ -58,6 +68,11 @@ class DemoSizes:
 EMORE_FILES = ('train.rec', 'train.idx', 'property', 'train.attributes.json', 'lfw.bin', 'cfp_fp.bin')
 EVAL_FILES = ('images', 'landmarks.txt', 'metadata.csv', 'predictions.csv', 'ground_truth.csv')
 TRAIN_CSV = 'train_attributes.csv'   # the training images' attributes (beside it: codes_path)
+IJBC_FILES = ('meta/ijbc_face_tid_mid.txt', 'meta/ijbc_template_pair_label.txt', 'meta/ijbc_name_5pts_score.txt',
+              'loose_crop')
+RFW_FILES = tuple(f'txts/{s}/{s}_pairs.txt' for s in RFW_SUBSETS)
+BFW_FILES = (BFW_CSV,)
+OPTIONAL_SETS = ('ijbc', 'rfw', 'bfw')  # built only when named (`--only`): the benchmarks' layouts for their tools
 FAIRFACE_FILES = ('train', TRAIN_CSV, 'train.lst', 'train.rec', 'train.idx', 'property',
                   'train.attributes.json', 'val.bin') + tuple(f'{s}/{f}' for s in ('val', 'test') for f in EVAL_FILES)
 SUMMARY_FILE = 'demo_summary.json'
@@ -331,12 +346,128 @@ def _build_fairface(folder, seed, sizes, renderer):
     return summary
 
 
+def _build_ijbc(folder, seed, sizes, renderer):
+    """insightface's IJB-C layout: loose crops, the three meta files. Each subject has two templates of one
+    or two media of one or two frames; its templates make one genuine pair, and three impostor pairs
+    join its first template to the second of the next three subjects."""
+    idents = make_identities(seed, 'ijbc', sizes.ijbc_ids, BALANCED_SHARES)
+    rng = np.random.default_rng([seed, SPLIT_CODES['ijbc'], 1 << 20])
+    plan = [[[int(rng.integers(1, 3)) for _ in range(int(rng.integers(1, 3)))] for _ in range(2)] for _ in idents]
+    jobs = (('photo', seed, 'ijbc', i, ident, ['any'] * sum(map(sum, plan[i]))) for i, ident in enumerate(idents))
+    for sub in ('meta', 'loose_crop'):
+        os.makedirs(os.path.join(folder, sub))
+    faces, points, templates, n_templates, n_media = [], [], [], 0, 0
+    for i, results in enumerate(renderer.map(jobs)):
+        shots = iter(results)
+        templates.append([])
+        for template_media in plan[i]:
+            n_templates += 1
+            templates[-1].append(n_templates)
+            for frames in template_media:
+                n_media += 1
+                for _ in range(frames):
+                    data, _, lmk, _, _ = next(shots)
+                    name = f'{len(faces) + 1}.jpg'
+                    with open(os.path.join(folder, 'loose_crop', name), 'wb') as f:
+                        f.write(data)
+                    faces.append((name, n_templates, n_media))
+                    points.append(f'{name} ' + ' '.join('%.3f' % v for v in np.ravel(lmk)) +
+                                  f' {rng.uniform(0.5, 1.0):.4f}')
+    n = len(idents)
+    pairs = [(t[0], t[1], 1) for t in templates]
+    pairs += [(templates[i][0], templates[(i + d) % n][1], 0) for i in range(n) for d in (1, 2, 3)]
+    meta = os.path.join(folder, 'meta')
+    for name, lines in (('ijbc_face_tid_mid.txt', [' '.join(map(str, f)) for f in faces]),
+                        ('ijbc_name_5pts_score.txt', points),
+                        ('ijbc_template_pair_label.txt', [' '.join(map(str, p)) for p in pairs])):
+        with atomic_open(os.path.join(meta, name)) as f:
+            f.writelines(line + '\n' for line in lines)
+    return {'ijbc': {'subjects': n, 'templates': 2 * n, 'faces': len(faces), 'genuine': n, 'impostor': 3 * n}}
+
+
+def _aligned_identities(split, seed, groups, images, renderer):
+    """Render `images` aligned crops of each (gender, skin) in `groups` (one identity each, in order)."""
+    idents = [sample_identity(np.random.default_rng([seed, SPLIT_CODES[split], i, 0]), g, k, i)
+              for i, (g, k) in enumerate(groups)]
+    jobs = (('aligned', seed, split, i, ident, ['any'] * images) for i, ident in enumerate(idents))
+    return [[data for data, _ in results] for results in renderer.map(jobs)]
+
+
+def _write_image(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(data)
+
+
+def _build_rfw(folder, seed, sizes, renderer):
+    """RFW's layout: data/<subset>/<id>/<id>_000N.jpg (aligned crops) and txts/<subset>/<subset>_pairs.txt,
+    ten folds of k positive then k negative LFW-style lines."""
+    k_ids, n_img = sizes.rfw_ids, sizes.bench_images
+    groups = [(i % 2, skin) for skin in RFW_SUBSETS.values() for i in range(k_ids)]
+    crops = _aligned_identities('rfw', seed, groups, n_img, renderer)
+    rng = np.random.default_rng([seed, SPLIT_CODES['rfw'], 1 << 21])
+    summary = {}
+    for s, subset in enumerate(RFW_SUBSETS):
+        names = [f'm.{subset[:2].lower()}{i:04d}' for i in range(k_ids)]
+        for i, name in enumerate(names):
+            for j, data in enumerate(crops[s * k_ids + i]):
+                _write_image(os.path.join(folder, 'data', subset, name, f'{name}_{j + 1:04d}.jpg'), data)
+        pool = [(i, a, b) for i in range(k_ids) for a in range(1, n_img + 1) for b in range(a + 1, n_img + 1)]
+        k = min(30, max(1, len(pool) // 10))
+        pos = [pool[j] for j in rng.choice(len(pool), 10 * k, replace=len(pool) < 10 * k)]
+        lines = []
+        for fold in range(10):
+            lines += [f'{names[i]}\t{a}\t{b}' for i, a, b in pos[fold * k:(fold + 1) * k]]
+            for _ in range(k):
+                i, j = rng.choice(k_ids, 2, replace=False)
+                lines.append(f'{names[i]}\t{rng.integers(1, n_img + 1)}\t{names[j]}\t{rng.integers(1, n_img + 1)}')
+        path = os.path.join(folder, 'txts', subset, f'{subset}_pairs.txt')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_open(path) as f:
+            f.writelines(line + '\n' for line in lines)
+        summary[subset] = {'identities': k_ids, 'images': k_ids * n_img, 'pairs': 20 * k}
+    return {'rfw': summary}
+
+
+def _build_bfw(folder, seed, sizes, renderer):
+    """BFW's layout: <subgroup>/<nNNNNNN>/<NNNN>_01.jpg (aligned crops) and its datatable CSV: every genuine
+    pair of each identity and as many impostor pairs within its subgroup; the fold is the first
+    subject's (1..5)."""
+    subgroups = [(f'{e}_{g}', ea, ga, skin, gender) for e, (ea, skin) in BFW_ETHNICITIES.items()
+                 for g, (ga, gender) in BFW_GENDERS.items()]
+    k_ids, n_img = sizes.bfw_ids, sizes.bench_images
+    crops = _aligned_identities('bfw', seed, [(gender, skin) for *_, skin, gender in subgroups for _ in range(k_ids)],
+                                n_img, renderer)
+    rng = np.random.default_rng([seed, SPLIT_CODES['bfw'], 1 << 21])
+    rows = []
+    for s, (att, ea, ga, _, _) in enumerate(subgroups):
+        ids = list(range(s * k_ids, (s + 1) * k_ids))
+        path = lambda i, j: f'{att}/n{i:06d}/{j + 1:04d}_01.jpg'
+        for i in ids:
+            for j, data in enumerate(crops[i]):
+                _write_image(os.path.join(folder, path(i, j)), data)
+        genuine = [(i, a, i, b) for i in ids for a in range(n_img) for b in range(a + 1, n_img)]
+        impostor = [(i, a, j, b) for i in ids for j in ids if i < j for a in range(n_img) for b in range(n_img)]
+        impostor = [impostor[t] for t in sorted(rng.choice(len(impostor), min(len(impostor), len(genuine)),
+                                                           replace=False))]
+        for label, pairs in ((1, genuine), (0, impostor)):
+            rows += [(1 + i % 5, path(i, a), path(j, b), label, i, j, att, att, ea + ga, ea + ga, ga, ga, ea, ea)
+                     for i, a, j, b in pairs]
+    with atomic_open(os.path.join(folder, BFW_CSV), 'w', newline='') as f:
+        writer = csv.writer(f, lineterminator='\n')
+        writer.writerow(BFW_COLUMNS)
+        writer.writerows(rows)
+    return {'bfw': {'subgroups': len(subgroups), 'identities': len(crops), 'pairs': len(rows),
+                    'genuine': sum(r[3] for r in rows)}}
+
+
 def _complete(folder, files):
     return all(os.path.exists(os.path.join(folder, f)) for f in files)
 
 
 def build_demo(out_dir='datasets', seed=0, only=None, force=False, sizes=None, workers=1, log=print):
-    """Build datasets/demo_emore and/or datasets/demo_fairface (see docs/architecture.md).
+    """Build datasets/demo_emore and/or datasets/demo_fairface (see docs/architecture.md), or, named by
+    `only`, one of the benchmark layouts demo_ijbc, demo_rfw, demo_bfw.
 
     Deterministic from `seed` (the same bytes for any `workers`). Each set is built in a temporary
     folder and renamed into place at the end; an existing complete set is kept unless `force`.
@@ -344,16 +475,17 @@ def build_demo(out_dir='datasets', seed=0, only=None, force=False, sizes=None, w
     """
     sizes = sizes or DemoSizes()
     sizes.check()
-    if only not in (None, 'emore', 'fairface'):
-        raise UserError(f'--only {only!r}: expected emore or fairface')
-    builders = {'emore': (_build_emore, EMORE_FILES), 'fairface': (_build_fairface, FAIRFACE_FILES)}
+    builders = {'emore': (_build_emore, EMORE_FILES), 'fairface': (_build_fairface, FAIRFACE_FILES),
+                'ijbc': (_build_ijbc, IJBC_FILES), 'rfw': (_build_rfw, RFW_FILES), 'bfw': (_build_bfw, BFW_FILES)}
+    if only is not None and only not in builders:
+        raise UserError(f'--only {only!r}: expected one of {", ".join(builders)}')
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     results = {}
     renderer = None
     try:
         for name, (build, files) in builders.items():
-            if only and name != only:
+            if only != name and (only or name in OPTIONAL_SETS):
                 continue
             final = os.path.join(out_dir, 'demo_' + name)
             if not force and _complete(final, files):
@@ -395,6 +527,11 @@ def format_summary(folder, summary):
 
     for key, value in summary.items():
         if key in ('seed', 'sizes'):
+            continue
+        if key in OPTIONAL_SETS:
+            flat = {f'{k} {n}' if isinstance(v, dict) else k: x for k, v in value.items()
+                    for n, x in (v.items() if isinstance(v, dict) else [('', v)])}
+            lines.append(f'  {key}: ' + ', '.join(f'{k.strip()} {v}' for k, v in flat.items()))
             continue
         if 'pairs' in value:
             if 'photos' in value:

@@ -45,7 +45,7 @@ def subject_counts(n_subjects, seed, first, count):
     return counts
 
 
-def _spread(values):
+def row_spread(values):
     """max - min over the columns with a value, per row (NaN with fewer than two)."""
     finite = np.isfinite(values)
     hi = np.max(np.where(finite, values, -np.inf), axis=1)
@@ -53,7 +53,7 @@ def _spread(values):
     return np.where(finite.sum(axis=1) >= 2, hi - lo, np.nan)
 
 
-def _ratio(values):
+def row_ratio(values):
     """max / min over the columns with a value, per row (NaN with fewer than two or a zero minimum)."""
     finite = np.isfinite(values)
     hi = np.max(np.where(finite, values, -np.inf), axis=1)
@@ -296,7 +296,7 @@ class WeightedEvaluation:
                     rank_sum = col_below[:, c] / tot_n[:, None]
                 mean_rank = _divide(rank_sum, col_w[:, c])
                 self._per_group(out, f'{base}/mean_rank', names, mean_rank)
-                out[f'{base}/rank/spread'] = _spread(mean_rank)
+                out[f'{base}/rank/spread'] = row_spread(mean_rank)
                 self._adjusted(out, attr, names, positive, sums_w, sums_above, sums_below, tot_p, tot_n, base)
                 cc = self.column(attr, 'cell', positive)
                 # (d): a positive cell's negatives below / tot_n, a negative cell's positives above / tot_p
@@ -309,7 +309,7 @@ class WeightedEvaluation:
                 total = np.where(complete[:, :, None], np.nan_to_num(cell_auc), 0).sum(axis=1)
                 means = np.where(n_complete > 0, total / np.maximum(n_complete, 1), np.nan)
                 self._per_group(out, f'{base}/cell_auc', names, means)
-                out[f'{base}/cell/spread'] = _spread(means)
+                out[f'{base}/cell/spread'] = row_spread(means)
         self._error_rates(out, W, col_w, passing)
         return out
 
@@ -359,8 +359,8 @@ class WeightedEvaluation:
                 base = f'bias/{attr}/error_rates/{name}'
                 self._per_group(out, f'{base}/fmr', names, fmr)
                 self._per_group(out, f'{base}/fnmr', names, fnmr)
-                out[f'{base}/fmr_ratio'], out[f'{base}/fnmr_ratio'] = _ratio(fmr), _ratio(fnmr)
-                out[f'{base}/fmr_diff'], out[f'{base}/fnmr_diff'] = _spread(fmr), _spread(fnmr)
+                out[f'{base}/fmr_ratio'], out[f'{base}/fnmr_ratio'] = row_ratio(fmr), row_ratio(fnmr)
+                out[f'{base}/fmr_diff'], out[f'{base}/fnmr_diff'] = row_spread(fmr), row_spread(fnmr)
 
     @staticmethod
     def _per_group(out, base, names, values):
@@ -395,7 +395,7 @@ class WeightedEvaluation:
                 above = _row_dots(Ng[:, a:b], cum[:, a:b]) - before * n_neg
                 aucs[:, g] = _divide(above / 2 if ties else above, n_pos * n_neg)
         self._per_group(out, f'group_auc/{attr}', names, aucs)
-        out[f'group_auc_gap/{attr}'] = _spread(aucs)
+        out[f'group_auc_gap/{attr}'] = row_spread(aucs)
 
     def _adjusted(self, out, attr, names, positive, sums_w, sums_above, sums_below, tot_p, tot_n, base):
         """(b) per replicate: the weighted normal equations of the design's distinct rows, solved."""
@@ -420,7 +420,7 @@ class WeightedEvaluation:
         with np.errstate(invalid='ignore'):
             centred = effects - np.nanmean(effects, axis=1, keepdims=True)
         self._per_group(out, f'{base}/adjusted_effect', names, centred)
-        out[f'{base}/adjusted/spread'] = _spread(centred)
+        out[f'{base}/adjusted/spread'] = row_spread(centred)
 
 
 def chunk_size(pairs):
@@ -479,7 +479,7 @@ def _reason(path, point, support):
     return None
 
 
-def _interval(values, reason, replicates):
+def percentile_interval(values, reason, replicates):
     """The percentile interval over the replicates where the number is defined (a resample can leave a
     small group without pairs of one polarity); n/a when that happens in more than MAX_UNDEFINED of them."""
     if reason is not None:
@@ -521,7 +521,8 @@ def bootstrap(pairs, result, replicates=REPLICATES, seed=0):
     {'n/a': reason}}, 'worst_group': ...}."""
     measures = replicate_measures([WeightedEvaluation(pairs)], replicates, seed)[0]
     support = group_support(pairs)
-    values = {p: _interval(v, _reason(p, value_at(result, p), support), replicates) for p, v in measures.items()}
+    values = {p: percentile_interval(v, _reason(p, value_at(result, p), support), replicates)
+              for p, v in measures.items()}
     return {'replicates': replicates, 'seed': seed, 'level': LEVEL, 'rule': RULE, 'values': values,
             'worst_group': worst_group_ranking(result, measures, values)}
 
@@ -541,7 +542,7 @@ def compare(pairs_a, result_a, pairs_b, result_b, replicates=REPLICATES, seed=0,
     for path in ma:
         a, b = value_at(result_a, path), value_at(result_b, path)
         reason = _reason(path, a, support) or _reason(path, b, support)
-        iv = _interval(mb[path] - ma[path], reason, replicates)
+        iv = percentile_interval(mb[path] - ma[path], reason, replicates)
         lo_hi = iv.get('interval')
         out[path] = {'first': a, 'second': b, 'difference': None if a is None or b is None else b - a, **_tag(iv),
                      'excludes_0': None if lo_hi is None else bool(lo_hi[0] > 0 or lo_hi[1] < 0)}
