@@ -84,12 +84,13 @@ def collect_arrays(blocks):
 def save_checkpoint(prefix, epoch, net, head=None, strip_fc7=False, extra_blocks=()):
     """Write `prefix-symbol.json` and `prefix-%04d.params` atomically; return the params path.
 
-    Without a head, or with `strip_fc7`, the graph is the `fc1_output` embedding and only its parameters
+    Without a head (or one without parameters), or with `strip_fc7`, the graph is the `fc1_output` embedding and only its parameters
     are saved. Otherwise the training graph is saved with `fc7_weight` and the parameters of
     `extra_blocks` (auxiliary heads) as additional `arg:` entries. Either way the outputs of extra blocks
     that have some (attribute heads) stay in the graph beside `fc1_output`, with their parameters.
     """
-    full = head is not None and not strip_fc7
+    # A head without parameters (the pair-wise losses) has no fc7 to keep: the embedding graph.
+    full = head is not None and not strip_fc7 and bool(head.collect_params())
     if full:
         sym = training_symbol(net, head, extra_blocks)
     else:

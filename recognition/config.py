@@ -158,12 +158,78 @@ loss.arc_circle.loss_name = 'arc_circle'
 loss.arc_circle.loss_gamma = 64.0
 loss.arc_circle.loss_margin = 0.65 * math.pi
 
+# The FairFace seed's other losses (its config.py), under this project's names (no `_loss` suffix, as arc_circle).
+# marginface: ArcFace's target margin, hard negatives re-weighted by the mask (1 = off, the seed's value).
+loss.marginface = edict()
+loss.marginface.loss_name = 'svx_softmax'
+loss.marginface.loss_s = 64.0
+loss.marginface.loss_m1 = 1.0
+loss.marginface.loss_m2 = 0.5
+loss.marginface.loss_m3 = 0.0
+loss.marginface.loss_nm1 = 1.0
+loss.marginface.loss_nm2 = 0.0
+loss.marginface.loss_nm3 = 0.0
+loss.marginface.loss_mask = 1.0
+
+loss.softmax_circle = edict()
+loss.softmax_circle.loss_name = 'softmax_circle'
+loss.softmax_circle.loss_gamma = 64.0
+loss.softmax_circle.loss_margin = 0.25
+
+loss.fix_arc_circle = edict()
+loss.fix_arc_circle.loss_name = 'fix_arc_circle'
+loss.fix_arc_circle.loss_gamma = 64.0
+loss.fix_arc_circle.loss_margin = 0.65 * math.pi
+
+# Triplet finetuning on (anchor, positive, negative) batches (recognition.data.triplets), the negative mined in
+# the batch; semihard is the seed's FaceNet selection. The seed's triplet_alpha: 0.3 triplet, 0.35 atriplet.
+loss.triplet = edict()
+loss.triplet.loss_name = 'triplet'
+loss.triplet.triplet_alpha = 0.3
+loss.triplet.triplet_mining = 'semihard'
+
+loss.atriplet = edict()
+loss.atriplet.loss_name = 'atriplet'
+loss.atriplet.triplet_alpha = 0.35
+loss.atriplet.triplet_mining = 'semihard'
+
+loss.arc_circle_triplet = edict()
+loss.arc_circle_triplet.loss_name = 'arc_circle_triplet'
+loss.arc_circle_triplet.loss_gamma = 64.0
+loss.arc_circle_triplet.loss_margin = 0.65 * math.pi
+loss.arc_circle_triplet.triplet_mining = 'semihard'
+
+loss.fix_arc_circle_triplet = edict()
+loss.fix_arc_circle_triplet.loss_name = 'fix_arc_circle_triplet'
+loss.fix_arc_circle_triplet.loss_gamma = 64.0
+loss.fix_arc_circle_triplet.loss_margin = 0.65 * math.pi
+loss.fix_arc_circle_triplet.triplet_mining = 'semihard'
+
+# The seed's fusions: arc_circle on every sample of the triplet batch + triplet_weight x the pair-wise loss
+# (the seed adds them with weight 1).
+loss.triplet_fusion_arc_circle = edict()
+loss.triplet_fusion_arc_circle.loss_name = 'triplet_fusion_arc_circle'
+loss.triplet_fusion_arc_circle.loss_gamma = 64.0
+loss.triplet_fusion_arc_circle.loss_margin = 0.65 * math.pi
+loss.triplet_fusion_arc_circle.triplet_alpha = 0.3
+loss.triplet_fusion_arc_circle.triplet_mining = 'semihard'
+loss.triplet_fusion_arc_circle.triplet_weight = 1.0
+
+loss.arc_circle_triplet_fusion_arc_circle = edict()
+loss.arc_circle_triplet_fusion_arc_circle.loss_name = 'arc_circle_triplet_fusion_arc_circle'
+loss.arc_circle_triplet_fusion_arc_circle.loss_gamma = 64.0
+loss.arc_circle_triplet_fusion_arc_circle.loss_margin = 0.65 * math.pi
+loss.arc_circle_triplet_fusion_arc_circle.triplet_mining = 'semihard'
+loss.arc_circle_triplet_fusion_arc_circle.triplet_weight = 1.0
+
 # The one translation of the loss keys to head arguments: build_head and the trainer's head_kwargs use it
 # (build_head also takes the argument names). It lives here, not in losses.py, because the trainer module
 # imports it at the top and must not pull in gluon: a dist kvstore server imports the trainer's schedule
 # while mxnet itself is still initialising.
 HEAD_ARGS = {'loss_s': 's', 'loss_m1': 'm1', 'loss_m2': 'm2', 'loss_m3': 'm3', 'easy_margin': 'easy_margin',
-             'loss_gamma': 'gamma', 'loss_margin': 'margin'}
+             'loss_gamma': 'gamma', 'loss_margin': 'margin', 'loss_mask': 'mask', 'loss_nm1': 'nm1',
+             'loss_nm2': 'nm2', 'loss_nm3': 'nm3', 'triplet_alpha': 'alpha', 'triplet_mining': 'mining',
+             'triplet_weight': 'weight'}
 
 # default settings (the CLI defaults of train/train.py)
 _default = edict()
@@ -194,6 +260,8 @@ _default.center_loss_weight = 0.0
 _default.center_loss_alpha = 0.5
 _default.attr_heads = ''
 _default.attr_weights = ''
+# the seed's --label-smoothing (it smooths by 0.1 when on); 0 off
+_default.label_smoothing = 0.0
 
 config = edict(copy.deepcopy(_config))
 default = edict(copy.deepcopy(_default))

@@ -6,6 +6,7 @@ Heads return logits; the loss is ``gluon.loss.SoftmaxCrossEntropyLoss`` over the
 ``SoftmaxOutput(normalization='valid')`` averaged over the batch).  The classifier weight is
 ``fc7_weight`` (classes x emb) as in insightface, so checkpoints keep it under that name.
 """
+import inspect
 import json
 import math
 
@@ -17,7 +18,8 @@ from recognition.config import HEAD_ARGS, preset
 from recognition.utils import UserError
 
 __all__ = ['MarginHead', 'ArcCircleHead', 'CenterLoss', 'AttributeHead', 'AuxiliaryTasks', 'build_auxiliary',
-           'build_head', 'head_preset', 'HEAD_TYPES']
+           'build_head', 'head_preset', 'HEAD_TYPES', 'SvxSoftmaxHead', 'SoftmaxCircleHead', 'FixArcCircleHead',
+           'TripletHead', 'FusionHead', 'SoftmaxLoss', 'HeadLoss', 'triplet_batches']
 
 # Clip for cos(theta) before arccos: rounding can push a dot product of unit vectors to or just
 # past +-1, where arccos is NaN or its gradient infinite (insightface does not guard this).  Only
@@ -322,12 +324,286 @@ def build_auxiliary(dataset, emb_size, center_weight=0.0, center_alpha=0.5, attr
     return AuxiliaryTasks(emb_size, int(dataset.num_classes), center_weight, center_alpha, attributes, hidden)
 
 
+# --- The FairFace seed's other heads (class_level_loss.py, pair_wise_loss.py) -----------------------------
+# Formulas: docs/losses.md. Parameter checks raise UserError naming the CLI flag, since the values come from it.
+
+def _check(ok, flag, value, rule):
+    if not ok:
+        raise UserError(f'{flag} {value:g}: {rule}')
+
+
+def _cos_theta(F, emb, weight, num_classes):
+    """(cos, theta) of every embedding to every fc7 row, theta from the clipped cosine."""
+    cos = _scaled_cosine(F, emb, weight, num_classes)
+    return cos, F.arccos(F.clip(cos, -_COS_LIMIT, _COS_LIMIT))
+
+
+class SvxSoftmaxHead(_Fc7Head):
+    """The seed's ``svx_softmax`` (``--loss marginface``): the target logit with the combined margin,
+    ``cos(m1*theta_y + m2) - m3``; every non-target logit ``c_j = cos(theta_j / nm1 - nm2) + nm3`` (plain
+    ``cos_j`` without non-target margins) and, where the sample is hard for that class (``cos_j`` >= the
+    margined target), re-weighted by the mask t as ``t*c_j + t - 1``; all times s.
+
+    As in the seed there is no guard for ``m1*theta + m2 > pi``.  Unlike the seed the hard-negative mask also
+    applies when every target margin is 0 (the seed skipped the whole block then, and crashed for m1=1, m2=0,
+    m3>0 on an undefined target).
+    """
+
+    def __init__(self, num_classes, emb_size, s=64.0, m1=1.0, m2=0.5, m3=0.0, nm1=1.0, nm2=0.0, nm3=0.0,
+                 mask=1.0, fc7_lr_mult=1.0, fc7_wd_mult=1.0, prefix=''):
+        super().__init__(num_classes, emb_size, fc7_lr_mult, fc7_wd_mult, prefix)
+        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
+        self.nm1, self.nm2, self.nm3, self.mask = float(nm1), float(nm2), float(nm3), float(mask)
+        _check(self.s > 0, '--loss-s', self.s, 'the scale must be > 0')
+        _check(self.mask >= 1, '--loss-mask', self.mask, 'must be >= 1 (1 leaves hard negatives as they are)')
+        for flag, value, low in (('--loss-m1', self.m1, 1), ('--loss-nm1', self.nm1, 1), ('--loss-m2', self.m2, 0),
+                                 ('--loss-m3', self.m3, 0), ('--loss-nm2', self.nm2, 0), ('--loss-nm3', self.nm3, 0)):
+            _check(value >= low, flag, value, f'a margin must be >= {low} (margins make the loss harder)')
+
+    def hybrid_forward(self, F, emb, label, fc7_weight):
+        cos, theta = _cos_theta(F, emb, fc7_weight, self.num_classes)
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            target = F.pick(cos, label, axis=1) - self.m3
+        else:
+            target = F.cos(F.pick(theta, label, axis=1) * self.m1 + self.m2) - self.m3
+        other = cos
+        if self.nm1 != 1.0 or self.nm2 != 0.0 or self.nm3 != 0.0:
+            other = F.cos(theta / self.nm1 - self.nm2) + self.nm3
+        is_target = F.one_hot(label, depth=self.num_classes)
+        target = F.expand_dims(target, 1)
+        hard = F.broadcast_greater_equal(cos, target) * (1 - is_target)
+        t = self.mask
+        other = other + hard * ((t - 1.0) * other + t - 1.0)
+        return (F.broadcast_mul(is_target, target) + (1 - is_target) * other) * self.s
+
+
+class SoftmaxCircleHead(_Fc7Head):
+    """The seed's ``softmax_circle_loss``: circle loss (Sun et al., CVPR 2020) with one positive per sample,
+    on the cosine mapped to [0, 1], ``c = (cos + 1) / 2``: target ``gamma * relu(1 + m - c) * (c - (1 - m))``,
+    others ``gamma * relu(c + m) * (c - m)``; softmax cross-entropy over these is the paper's
+    ``log(1 + sum_j exp(gamma a_n (c_j - m)) exp(-gamma a_p (c_y - 1 + m)))``.  The weights a_p, a_n are
+    not detached (the seed's graph)."""
+
+    def __init__(self, num_classes, emb_size, gamma=64.0, margin=0.25, fc7_lr_mult=1.0, fc7_wd_mult=1.0,
+                 prefix=''):
+        super().__init__(num_classes, emb_size, fc7_lr_mult, fc7_wd_mult, prefix)
+        self.gamma, self.margin = float(gamma), float(margin)
+        _check(self.gamma > 0, '--loss-gamma', self.gamma, 'the scale must be > 0')
+        _check(0 <= self.margin < 0.5, '--loss-margin', self.margin,
+               'the circle relaxation must be in [0, 0.5) (optima 1 + m and -m, decision margins 1 - m > m)')
+
+    def hybrid_forward(self, F, emb, label, fc7_weight):
+        m, k = self.margin, self.num_classes
+        c = _scaled_cosine(F, emb, fc7_weight, k) * 0.5 + 0.5
+        sign = F.one_hot(label, depth=k, on_value=-1.0, off_value=1.0)
+        optimum = F.one_hot(label, depth=k, on_value=1.0 + m, off_value=m)
+        delta = F.one_hot(label, depth=k, on_value=1.0 - m, off_value=m)
+        return F.relu(c * sign + optimum) * (c - delta) * self.gamma
+
+
+class FixArcCircleHead(_Fc7Head):
+    """The seed's ``fix_arc_circle_softmax``: arc_circle with fixed optima and an offset.  With
+    d = 0.1 * (2 pi - 2 m): target ``cos(clip(theta + m, 0, pi)) * relu(theta + pi - m) + d``, others
+    ``cos(clip(theta - m, 0, pi)) * relu(2 pi - m - theta) - d``, all times gamma."""
+
+    def __init__(self, num_classes, emb_size, gamma=64.0, margin=0.65 * math.pi, fc7_lr_mult=1.0,
+                 fc7_wd_mult=1.0, prefix=''):
+        super().__init__(num_classes, emb_size, fc7_lr_mult, fc7_wd_mult, prefix)
+        self.gamma, self.margin = float(gamma), float(margin)
+        _check(self.gamma > 0, '--loss-gamma', self.gamma, 'the scale must be > 0')
+        _check(0 < self.margin < math.pi, '--loss-margin', self.margin, 'the angular margin must be in (0, pi)')
+
+    def hybrid_forward(self, F, emb, label, fc7_weight):
+        m, k = self.margin, self.num_classes
+        _, theta = _cos_theta(F, emb, fc7_weight, k)
+        shift = F.one_hot(label, depth=k, on_value=m, off_value=-m)
+        optimum = F.one_hot(label, depth=k, on_value=math.pi - m, off_value=2 * math.pi - m)
+        sign = F.one_hot(label, depth=k, on_value=1.0, off_value=-1.0)
+        offset = sign * (0.1 * (2 * math.pi - 2 * m))
+        return (F.cos(F.clip(theta + shift, 0.0, math.pi)) * F.relu(theta * sign + optimum) + offset) * self.gamma
+
+
+PAIR_LOSSES = ('triplet', 'atriplet', 'arc_circle_triplet', 'fix_arc_circle_triplet')
+MINING = ('hardest', 'semihard')
+
+
+class TripletHead(gluon.HybridBlock):
+    """The seed's pair-wise losses on a triplet batch, with the negative mined within the batch.
+
+    The batch (one context's) is ``[anchors | positives | negative slots]``, T rows each (the sampler of
+    ``recognition.data.triplets``).  Embeddings are L2-normalised.  Each anchor's negative is a sample of
+    the batch with another label: ``hardest`` the most similar one, ``semihard`` the most similar one that is
+    still less similar than the positive (FaceNet), or the least similar one if there is none (as
+    TensorFlow's semi-hard triplet loss).  The losses of (cos_ap, cos_an) per triplet:
+
+    * ``triplet``: ``relu(|a-p|^2 - |a-n|^2 + alpha)``; ``atriplet``: ``relu(theta_ap - theta_an + alpha)``;
+    * ``fix_arc_circle_triplet``: ``relu(s_n - s_p)`` with the fix_arc_circle logits (gamma, margin);
+    * ``arc_circle_triplet``: one value per batch, ``log(1 + sum exp(s_n) * sum exp(-s_p))`` with the
+      arc_circle logits at gamma / pi (computed as softplus of two log-sum-exps).
+
+    Returns ``(loss, hit)`` per sample: each sample carries its triplet's loss (the batch loss for
+    arc_circle_triplet), so the mean over the batch is the mean over triplets; ``hit`` is 1 where the
+    positive is more similar than every negative of the batch, whatever the mining.  No fc7:
+    ``num_classes``, ``emb_size`` and the fc7 multipliers are accepted for the registry's one constructor
+    signature.
+    """
+
+    triplet_batches = True
+
+    def __init__(self, num_classes, emb_size, kind='triplet', alpha=0.3, mining='semihard', gamma=64.0,
+                 margin=0.65 * math.pi, fc7_lr_mult=1.0, fc7_wd_mult=1.0, prefix=''):
+        super().__init__(prefix=prefix)
+        if kind not in PAIR_LOSSES:
+            raise ValueError(f'unknown pair-wise loss {kind!r} (choose from {", ".join(PAIR_LOSSES)})')
+        if mining not in MINING:
+            raise UserError(f'--triplet-mining {mining!r}: choose {" or ".join(MINING)}')
+        self.kind, self.mining = kind, mining
+        self.alpha, self.gamma, self.margin = float(alpha), float(gamma), float(margin)
+        _check(self.alpha >= 0, '--triplet-alpha', self.alpha, 'the triplet margin must be >= 0')
+        _check(self.gamma > 0, '--loss-gamma', self.gamma, 'the scale must be > 0')
+        _check(0 < self.margin < math.pi, '--loss-margin', self.margin, 'the angular margin must be in (0, pi)')
+
+    def _mine(self, F, sim, cos_ap, neg):
+        """(cos(anchor, mined negative), cos(anchor, hardest negative) without gradient) from the T x N
+        similarities and the 0/1 negative mask."""
+        score = F.BlockGrad(sim)
+        hardest = F.argmax(F.where(neg, score, score * 0 - 3.0), axis=1)
+        chosen = hardest
+        if self.mining == 'semihard':
+            easier = neg * F.broadcast_lesser(score, F.expand_dims(F.BlockGrad(cos_ap), 1))
+            semihard = F.argmax(F.where(easier, score, score * 0 - 3.0), axis=1)
+            easiest = F.argmin(F.where(neg, score, score * 0 + 3.0), axis=1)
+            chosen = F.where(F.max(easier, axis=1) > 0, semihard, easiest)
+        return F.pick(sim, chosen, axis=1), F.pick(score, hardest, axis=1)
+
+    def _circle_logits(self, F, cos_ap, cos_an, gamma, fixed):
+        m = self.margin
+        tp = F.arccos(F.clip(cos_ap, -_COS_LIMIT, _COS_LIMIT))
+        tn = F.arccos(F.clip(cos_an, -_COS_LIMIT, _COS_LIMIT))
+        sp = gamma * F.relu(tp + math.pi - m) * F.cos(F.clip(tp + m, 0.0, math.pi))
+        if fixed:
+            sn = gamma * F.relu(2 * math.pi - m - tn) * F.cos(F.clip(tn - m, 0.0, math.pi))
+        else:
+            sn = gamma * F.relu(m - tn) * F.cos(F.clip(tn + math.pi - m, 0.0, math.pi))
+        return sp, sn
+
+    def hybrid_forward(self, F, emb, label):
+        x = F.L2Normalization(emb, mode='instance')
+        anchor, positive, _ = F.split(F.reshape(x, shape=(-4, 3, -1, -2)), num_outputs=3, axis=0,
+                                      squeeze_axis=True)
+        anchor_label = F.split(F.reshape(label, shape=(3, -1)), num_outputs=3, axis=0, squeeze_axis=True)[0]
+        cos_ap = F.sum(anchor * positive, axis=1)
+        sim = F.dot(anchor, x, transpose_b=True)
+        neg = F.broadcast_not_equal(F.expand_dims(anchor_label, 1), F.expand_dims(label, 0))
+        cos_an, cos_hardest = self._mine(F, sim, cos_ap, neg)
+        if self.kind == 'triplet':
+            loss = F.relu((2 - 2 * cos_ap) - (2 - 2 * cos_an) + self.alpha)
+        elif self.kind == 'atriplet':
+            loss = F.relu(F.arccos(F.clip(cos_ap, -_COS_LIMIT, _COS_LIMIT))
+                          - F.arccos(F.clip(cos_an, -_COS_LIMIT, _COS_LIMIT)) + self.alpha)
+        elif self.kind == 'fix_arc_circle_triplet':
+            sp, sn = self._circle_logits(F, cos_ap, cos_an, self.gamma, fixed=True)
+            loss = F.relu(sn - sp)
+        else:
+            sp, sn = self._circle_logits(F, cos_ap, cos_an, self.gamma / math.pi, fixed=False)
+            loss = F.Activation(_log_sum_exp(F, sn) + _log_sum_exp(F, -sp), act_type='softrelu')
+            loss = F.broadcast_like(F.reshape(loss, shape=(1,)), cos_ap)
+        hit = F.BlockGrad(cos_ap) > cos_hardest
+        return F.concat(loss, loss, loss, dim=0), F.concat(hit, hit, hit, dim=0)
+
+
+def _log_sum_exp(F, v):
+    top = F.BlockGrad(F.max(v))
+    return F.log(F.sum(F.exp(F.broadcast_sub(v, top)))) + top
+
+
+class FusionHead(gluon.HybridBlock):
+    """The seed's ``<pair>_fusion_<class>`` losses: a class-level head (its ``fc7_weight``) and a pair-wise
+    loss on the same triplet batch, ``softmax CE(class logits) + weight * pair loss`` per sample (the seed
+    adds the two with weight 1, and fills a quarter of its batch with unpaired images; here the negative
+    slots of the triplets play that part).  Returns ``(logits, weight * pair loss)``; :class:`HeadLoss` adds
+    the cross-entropy."""
+
+    triplet_batches = True
+
+    def __init__(self, num_classes, emb_size, pair='triplet', classes='arc_circle', weight=1.0, alpha=0.3,
+                 mining='semihard', gamma=64.0, margin=0.65 * math.pi, fc7_lr_mult=1.0, fc7_wd_mult=1.0,
+                 prefix=''):
+        super().__init__(prefix=prefix)
+        self.weight = float(weight)
+        _check(self.weight >= 0, '--triplet-weight', self.weight, 'the pair-wise loss weight must be >= 0')
+        cls, base = HEAD_TYPES[classes]
+        self.classifier = cls(num_classes, emb_size, **dict(base, gamma=gamma, margin=margin),
+                              fc7_lr_mult=fc7_lr_mult, fc7_wd_mult=fc7_wd_mult, prefix='')
+        self.pair = TripletHead(num_classes, emb_size, pair, alpha=alpha, mining=mining, gamma=gamma,
+                                margin=margin)
+        self.num_classes = num_classes
+        self.alpha, self.mining, self.gamma, self.margin = self.pair.alpha, mining, float(gamma), float(margin)
+
+    def hybrid_forward(self, F, emb, label):
+        return self.classifier(emb, label), self.pair(emb, label)[0] * self.weight
+
+
+class SoftmaxLoss(gluon.HybridBlock):
+    """Softmax cross-entropy per sample with MXNet ``SoftmaxOutput``'s ``smooth_alpha`` label smoothing (the
+    seed's ``--label-smoothing``, 0.1 there): the target distribution is 1 - alpha on the label and
+    alpha / (K - 1) on each of the other K - 1 classes."""
+
+    def __init__(self, num_classes, alpha):
+        super().__init__(prefix='')
+        self.alpha = float(alpha)
+        _check(0 < self.alpha < 1, '--label-smoothing', self.alpha, 'must be in [0, 1) (0 = off)')
+        self.rest = self.alpha / (num_classes - 1)
+
+    def hybrid_forward(self, F, logits, label):
+        logp = F.log_softmax(logits, axis=-1)
+        return -(1 - self.alpha - self.rest) * F.pick(logp, label, axis=-1) - self.rest * F.sum(logp, axis=-1)
+
+
+class HeadLoss:
+    """The per-sample training loss of a head and its hits (for the accuracy log), ``(loss, hit) =
+    head_loss(emb, label)``: softmax cross-entropy (``label_smoothing``: :class:`SoftmaxLoss`) over a
+    class-level head's logits; a pair-wise head's own loss; for a fusion head both."""
+
+    def __init__(self, head, label_smoothing=0.0):
+        self.head = head
+        label_smoothing = float(label_smoothing or 0.0)
+        if label_smoothing and isinstance(head, TripletHead):
+            raise UserError(f'--label-smoothing {label_smoothing:g}: the pair-wise loss {head.kind} has no '
+                            f'softmax to smooth (use a softmax-family or fusion loss)')
+        self.softmax = (SoftmaxLoss(head.num_classes, label_smoothing) if label_smoothing
+                        else gluon.loss.SoftmaxCrossEntropyLoss())
+
+    def __call__(self, emb, label):
+        if isinstance(self.head, TripletHead):
+            return self.head(emb, label)
+        if isinstance(self.head, FusionHead):
+            logits, pair = self.head(emb, label)
+            loss = self.softmax(logits, label) + pair
+        else:
+            logits = self.head(emb, label)
+            loss = self.softmax(logits, label)
+        return loss, logits.argmax(axis=1) == label
+
+
+def triplet_batches(head):
+    """Whether a head (or the ``--loss`` preset named) trains on triplet batches."""
+    cls = head_preset(head)[0] if isinstance(head, str) else type(head)
+    return bool(getattr(cls, 'triplet_batches', False))
+
+
 # insightface's loss_name -> (head class, its arguments before the preset's values). `softmax` is the plain
 # FullyConnected with fc7_bias (no scale); `margin_softmax` the s/m1/m2/m3 family.
 HEAD_TYPES = {
     'softmax': (MarginHead, {'s': None}),
     'margin_softmax': (MarginHead, {}),
     'arc_circle': (ArcCircleHead, {}),
+    'svx_softmax': (SvxSoftmaxHead, {}),
+    'softmax_circle': (SoftmaxCircleHead, {}),
+    'fix_arc_circle': (FixArcCircleHead, {}),
+    **{kind: (TripletHead, {'kind': kind}) for kind in PAIR_LOSSES},
+    'triplet_fusion_arc_circle': (FusionHead, {'pair': 'triplet', 'classes': 'arc_circle'}),
+    'arc_circle_triplet_fusion_arc_circle': (FusionHead, {'pair': 'arc_circle_triplet', 'classes': 'arc_circle'}),
 }
 
 
@@ -341,9 +617,16 @@ def head_preset(loss_name):
 def build_head(loss_name, num_classes, emb_size, **cfg):
     """Head for a ``--loss`` preset; ``cfg`` overrides its values (``s``/``loss_s``, ``m1``..``m3``,
     ``easy_margin``, ``gamma``/``loss_gamma``, ``margin``/``loss_margin``, ``fc7_lr_mult``, ``fc7_wd_mult``,
-    ``no_bias``)."""
+    ``no_bias``, and the other ``config.HEAD_ARGS``); a setting the head does not take is a UserError naming
+    its flag."""
     cls, kwargs = head_preset(loss_name)
     kwargs.update({HEAD_ARGS.get(k, k): v for k, v in cfg.items()})
+    accepted = inspect.signature(cls.__init__).parameters
+    flags = {arg: key for key, arg in HEAD_ARGS.items()}
+    for arg in kwargs:
+        if arg not in accepted:
+            raise UserError(f'--{flags.get(arg, arg).replace("_", "-")} does not apply to --loss {loss_name} '
+                            f'({preset("loss", loss_name).loss_name})')
     return cls(num_classes, emb_size, **kwargs)
 
 

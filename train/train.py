@@ -76,6 +76,28 @@ def parse_args(argv=None):
     p.add_argument('--loss-m3', type=float, default=config.get('loss_m3'))
     p.add_argument('--easy-margin', action=argparse.BooleanOptionalAction, default=config.get('easy_margin'),
                    help='ArcFace only: add the margin only where cos(theta) > 0 (insightface --easy-margin)')
+    p.add_argument('--loss-gamma', type=float, default=config.get('loss_gamma'),
+                   help='scale of the circle losses (arc_circle, softmax_circle, fix_arc_circle, the triplet circles)')
+    p.add_argument('--loss-margin', type=float, default=config.get('loss_margin'),
+                   help='circle losses: the angular margin (radians; arc_circle family) or the relaxation m of '
+                        'softmax_circle')
+    p.add_argument('--loss-mask', type=float, default=config.get('loss_mask'),
+                   help='marginface: weight t >= 1 of the hard non-target logits, t*cos + t - 1 (1 = off)')
+    p.add_argument('--loss-nm1', type=float, default=config.get('loss_nm1'),
+                   help='marginface: non-target angle divided by nm1 (>= 1)')
+    p.add_argument('--loss-nm2', type=float, default=config.get('loss_nm2'),
+                   help='marginface: non-target angle minus nm2 (>= 0)')
+    p.add_argument('--loss-nm3', type=float, default=config.get('loss_nm3'),
+                   help='marginface: non-target cosine plus nm3 (>= 0)')
+    p.add_argument('--label-smoothing', type=float, default=default.label_smoothing,
+                   help='softmax-family losses: smooth the target by A (1 - A on the label, A/(K-1) elsewhere, '
+                        "MXNet's smooth_alpha; the seed uses 0.1); 0 off")
+    p.add_argument('--triplet-alpha', type=float, default=config.get('triplet_alpha'),
+                   help='triplet / atriplet margin (squared L2 or radians)')
+    p.add_argument('--triplet-mining', choices=('hardest', 'semihard'), default=config.get('triplet_mining'),
+                   help='triplet losses: the negative of each anchor within its batch')
+    p.add_argument('--triplet-weight', type=float, default=config.get('triplet_weight'),
+                   help='fusion losses: weight of the pair-wise loss added to the class-level one')
     p.add_argument('--fc7-lr-mult', type=float, default=config.fc7_lr_mult)
     p.add_argument('--fc7-wd-mult', type=float, default=config.fc7_wd_mult)
     p.add_argument('--data-color', type=int, default=config.data_color,

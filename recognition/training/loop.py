@@ -170,7 +170,17 @@ class TrainingSession:
         # The rec's property file is authoritative for the image size (as for the class count).
         self.image_size = tuple(int(v) for v in self.dataset.image_size)
         self.val_sets = load_val_sets(opts, self.image_size) if self.chief else []
-        self.steps_per_epoch = self._samples_per_worker() // self.batch_size
+        # Pair-wise losses train on triplet batches (recognition.data.triplets), not on the epoch order.
+        from recognition.losses import triplet_batches   # here: see the note on imports above
+        self.triplets = None
+        if triplet_batches(head if head is not None else opts.loss):
+            self.triplets = self._triplet_sampler()
+            self.steps_per_epoch = len(self.triplets)
+        else:
+            self.steps_per_epoch = self._samples_per_worker() // self.batch_size
+        if self.steps_per_epoch == 0 and self.triplets is not None:
+            raise UserError(f'{opts.dataset_path}: {self.triplets.num_pairs} (anchor, positive) pairs, fewer than '
+                            f'one batch of {self.batch_size // 3} triplets')
         if self.steps_per_epoch == 0:
             raise UserError(f'{opts.dataset_path}: {len(self.dataset)} training images, fewer than one batch '
                             f'of {self.batch_size}')
@@ -211,7 +221,8 @@ class TrainingSession:
                             'learning rates would drift apart: with a distributed kvstore use --lr-steps, '
                             '--warmup or --cosine')
         self.trainer = self._build_trainer()
-        self.loss_fn = mx.gluon.loss.SoftmaxCrossEntropyLoss()
+        from recognition.losses import HeadLoss
+        self.loss_fn = HeadLoss(self.head, opts.get('label_smoothing', 0.0))
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -244,6 +255,16 @@ class TrainingSession:
                                     cutoff=opts.data_cutoff, compress=opts.get('data_compress', False))
         return FaceRecordDataset(recs, images_filter=opts.data_images_filter, transform=transform,
                                  return_attributes=bool(opts.get('attr_heads')))
+
+    def _triplet_sampler(self):
+        """This worker's triplet sampler (its `len` is the steps per epoch), after the batch-size check."""
+        from recognition.data.triplets import TripletSampler, check_triplet_batch
+        check_triplet_batch(int(self.opts.per_batch_size), self.opts.loss)
+        if self.shard_samples is not None:
+            raise UserError(f'--loss {self.opts.loss}: triplet batches pair images across the whole set, so a '
+                            f'distributed run must read all shards (one rec, or a kvstore without shard plan)')
+        return TripletSampler(self.dataset, self.opts.per_batch_size, len(self.contexts), self.seed,
+                              self.identities, part=self.topology.part)
 
     def _samples_per_worker(self):
         """Samples one worker sees per epoch: all of its shards, or its strided share of the samples."""
@@ -282,9 +303,10 @@ class TrainingSession:
             raise UserError(f'--fpr-penalty needs a head with fc7 cosines, not {type(head).__name__}')
         init_params(net, ctx=self.contexts)
         head.initialize(ctx=self.contexts)
-        # One forward completes Gluon's deferred initialisation, so shapes exist for loading.
-        x = mx.nd.zeros((1, 3) + self.image_size, ctx=self.contexts[0])
-        head(net(x), mx.nd.zeros((1,), ctx=self.contexts[0]))
+        # One forward completes Gluon's deferred initialisation, so shapes exist for loading; three samples,
+        # so that a pair-wise head sees one whole (anchor, positive, negative) triplet.
+        x = mx.nd.zeros((3, 3) + self.image_size, ctx=self.contexts[0])
+        head(net(x), mx.nd.array([0, 0, 1], ctx=self.contexts[0]))
         if opts.get('pretrained'):
             prefix, epoch = checkpoint.parse_pretrained(opts.pretrained)
             self.log.info('loading pretrained %s,%d', prefix, epoch)
@@ -433,6 +455,9 @@ class TrainingSession:
         """The batches of `epoch` from `start_batch` on; the order depends only on (seed, epoch)."""
         if start_batch >= self.steps_per_epoch:
             return []
+        if self.loader is None and self.triplets is not None:
+            from recognition.data.triplets import TripletLoader
+            self.loader = TripletLoader(self.dataset, self.triplets, num_workers=self.opts.get('num_workers', 0))
         if self.loader is None:
             from recognition.data.dataset import train_loader
             self.loader = train_loader(self.dataset, self.batch_size,
@@ -537,12 +562,11 @@ class TrainingSession:
         aux = self.tasks.split_labels(label, self.contexts) if self.tasks is not None else None
         xs = mx.gluon.utils.split_and_load(data, self.contexts)
         ys = mx.gluon.utils.split_and_load(label[:, 0] if label.ndim == 2 else label, self.contexts)
-        losses, logits, records = [], [], []
+        losses, hits, records = [], [], []
         with autograd.record():
             for i, (x, y) in enumerate(zip(xs, ys)):
                 emb = self.net(x)
-                out = self.head(emb, y)
-                loss = self.loss_fn(out, y)
+                loss, hit = self.loss_fn(emb, y)
                 if self.fpr_weight:
                     from recognition.losses import fpr_penalty   # here: see the note on imports above
                     penalty = fpr_penalty(self.head.cosine(emb), y, self.fpr_target)
@@ -552,7 +576,7 @@ class TrainingSession:
                     loss, record = self.tasks(emb, y, aux[i], loss)
                     records.append(record)
                 losses.append(loss)
-                logits.append(out)
+                hits.append(hit)
             if self.amp:
                 from mxnet.contrib import amp
                 with amp.scale_loss(losses, self.trainer) as scaled:
@@ -563,7 +587,7 @@ class TrainingSession:
         if records:
             self.tasks.account(records)
         loss_sum = sum(float(l.sum().asscalar()) for l in losses)
-        correct = sum(int((o.argmax(axis=1) == y).sum().asscalar()) for o, y in zip(logits, ys))
+        correct = sum(int(h.sum().asscalar()) for h in hits)
         return loss_sum / data.shape[0], correct
 
     def _finished(self):
