@@ -1,5 +1,6 @@
 """Margin heads against a float64 numpy reference of insightface's formulas (logits and gradients)."""
 import math
+import re
 
 import mxnet as mx
 import numpy as np
@@ -8,8 +9,9 @@ from mxnet import autograd, gluon
 
 from recognition.config import HEAD_ARGS
 from recognition.config import loss as loss_presets
-from recognition.losses import (HEAD_TYPES, ArcCircleHead, AttributeHead, CenterLoss, MarginHead,
-                                build_head, head_preset)
+from recognition.losses import (HEAD_TYPES, ArcCircleHead, AttributeHead, CenterLoss, FixArcCircleHead,
+                                FusionHead, MarginHead, SoftmaxCircleHead, SvxSoftmaxHead, TripletHead,
+                                build_head, head_preset, triplet_batches)
 from recognition.utils import UserError
 
 N, EMB, C = 4, 8, 6
@@ -20,6 +22,14 @@ def reference_logits(emb, weight, bias, label, loss_name, **over):
     """insightface's target-logit arithmetic, written independently in numpy (float64)."""
     cfg = dict(head_preset(loss_name)[1], **over)
     rows = np.arange(len(label))
+    kind = loss_presets[loss_name].loss_name
+    if kind in SEED_REFERENCES:
+        x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        w = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+        cos = x @ w.T
+        target = np.zeros(cos.shape, bool)
+        target[rows, label] = True
+        return SEED_REFERENCES[kind](cos, np.arccos(np.clip(cos, -LIMIT, LIMIT)), target, rows, label, cfg)
     if loss_name == 'arc_circle':
         x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
         w = weight / np.linalg.norm(weight, axis=1, keepdims=True)
@@ -49,6 +59,34 @@ def reference_logits(emb, weight, bias, label, loss_name, **over):
                 target = np.where(cos_t > np.cos(np.pi - m2), target, s * (cos_t - m2 * np.sin(m2)))
     logits[rows, label] = target
     return logits
+
+
+def svx_reference(cos, theta, target, rows, label, cfg):
+    """The seed's svx_softmax (class_level_loss.py), read off its graph."""
+    m1, m2, m3, t = cfg['m1'], cfg['m2'], cfg['m3'], cfg['mask']
+    nm1, nm2, nm3 = cfg['nm1'], cfg['nm2'], cfg['nm3']
+    y = np.cos(m1 * theta[rows, label] + m2) - m3 if (m1, m2) != (1.0, 0.0) else cos[rows, label] - m3
+    other = np.cos(theta / nm1 - nm2) + nm3 if (nm1, nm2, nm3) != (1.0, 0.0, 0.0) else cos
+    hard = (cos >= y[:, None]) & ~target
+    other = np.where(hard, t * other + t - 1, other)
+    return np.where(target, y[:, None], other) * cfg['s']
+
+
+def softmax_circle_reference(cos, theta, target, rows, label, cfg):
+    m, c = cfg['margin'], (cos + 1) / 2
+    return np.where(target, np.maximum(1 + m - c, 0) * (c - 1 + m), np.maximum(c + m, 0) * (c - m)) * cfg['gamma']
+
+
+def fix_arc_circle_reference(cos, theta, target, rows, label, cfg):
+    m, d = cfg['margin'], 0.1 * (2 * np.pi - 2 * cfg['margin'])
+    return np.where(target, np.cos(np.clip(theta + m, 0, np.pi)) * np.maximum(theta + np.pi - m, 0) + d,
+                    np.cos(np.clip(theta - m, 0, np.pi)) * np.maximum(2 * np.pi - m - theta, 0) - d) * cfg['gamma']
+
+
+SEED_REFERENCES = {'svx_softmax': svx_reference, 'softmax_circle': softmax_circle_reference,
+                   'fix_arc_circle': fix_arc_circle_reference}
+# Heads whose output is a loss on triplet batches (tests/test_triplet.py checks them against numpy).
+CLASS_LEVEL = sorted(n for n in loss_presets if not triplet_batches(n))
 
 
 def numeric_grad(f, arr, eps=1e-6):
@@ -98,7 +136,7 @@ def check_head(loss_name, emb, weight, bias, label, **over):
     return ref
 
 
-@pytest.mark.parametrize('loss_name', sorted(loss_presets))
+@pytest.mark.parametrize('loss_name', CLASS_LEVEL)
 def test_presets_match_reference(loss_name):
     emb, weight, bias, label = make_case(0)
     ref = check_head(loss_name, emb, weight, bias, label)
@@ -118,6 +156,33 @@ def test_arcface_guard_and_easy_margin(easy_margin):
     ref = check_head('arcface', emb, weight, bias, label, easy_margin=easy_margin)
     expected = 64 * cos_t[:2] if easy_margin else 64 * (cos_t[:2] - 0.5 * math.sin(0.5))
     np.testing.assert_allclose(ref[np.arange(2), label[:2]], expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize('over', [dict(mask=1.5), dict(mask=1.2, nm1=1.2, nm2=0.1, nm3=0.05),
+                                  dict(m2=0.0, m3=0.35, mask=1.3), dict(m1=1.2, m2=0.2, m3=0.1, mask=2.0)])
+def test_marginface_mask_and_non_target_margins(over):
+    """svx_softmax with the mask and non-target margins on: logits and gradients against the seed's formula;
+    the case has hard negatives (cos_j >= margined target), where the mask changes the logit."""
+    emb, weight, bias, label = make_case(4)
+    ref = check_head('marginface', emb, weight, bias, label, **over)
+    plain = check_head('marginface', emb, weight, bias, label, **dict(over, mask=1.0))
+    assert (ref != plain).any() and (ref[np.arange(N), label] == plain[np.arange(N), label]).all()
+
+
+@pytest.mark.parametrize('loss_name,over,flag', [
+    ('marginface', dict(loss_mask=0.5), '--loss-mask 0.5'), ('marginface', dict(loss_m2=-0.1), '--loss-m2 -0.1'),
+    ('marginface', dict(loss_nm1=0.8), '--loss-nm1 0.8'), ('marginface', dict(loss_nm3=-0.2), '--loss-nm3 -0.2'),
+    ('marginface', dict(loss_m1=0.9), '--loss-m1 0.9'), ('softmax_circle', dict(loss_margin=0.6), '--loss-margin 0.6'),
+    ('fix_arc_circle', dict(loss_margin=-1.0), '--loss-margin -1'), ('triplet', dict(triplet_alpha=-0.1),
+                                                                     '--triplet-alpha -0.1'),
+    ('arc_circle_triplet', dict(loss_gamma=0.0), '--loss-gamma 0'),
+    ('triplet_fusion_arc_circle', dict(triplet_weight=-1.0), '--triplet-weight -1'),
+    ('atriplet', dict(triplet_mining='random'), "--triplet-mining 'random'"),
+    ('arcface', dict(loss_mask=2.0), '--loss-mask does not apply to --loss arcface'),
+    ('triplet', dict(loss_s=64.0), '--loss-s does not apply to --loss triplet')])
+def test_bad_loss_parameters_name_the_flag(loss_name, over, flag):
+    with pytest.raises(UserError, match='^' + re.escape(flag)):
+        build_head(loss_name, C, EMB, **over)
 
 
 def test_cosine_and_softmax_bias_names():
@@ -168,6 +233,20 @@ EXPECTED_HEADS = {
     'cosface': (MarginHead, dict(s=64.0, m1=1.0, m2=0.0, m3=0.35, easy_margin=False), ['fc7_weight']),
     'combined': (MarginHead, dict(s=64.0, m1=1.0, m2=0.3, m3=0.2, easy_margin=False), ['fc7_weight']),
     'arc_circle': (ArcCircleHead, dict(gamma=64.0, margin=0.65 * math.pi), ['fc7_weight']),
+    'marginface': (SvxSoftmaxHead, dict(s=64.0, m1=1.0, m2=0.5, m3=0.0, nm1=1.0, nm2=0.0, nm3=0.0, mask=1.0),
+                   ['fc7_weight']),
+    'softmax_circle': (SoftmaxCircleHead, dict(gamma=64.0, margin=0.25), ['fc7_weight']),
+    'fix_arc_circle': (FixArcCircleHead, dict(gamma=64.0, margin=0.65 * math.pi), ['fc7_weight']),
+    'triplet': (TripletHead, dict(kind='triplet', alpha=0.3, mining='semihard'), []),
+    'atriplet': (TripletHead, dict(kind='atriplet', alpha=0.35, mining='semihard'), []),
+    'arc_circle_triplet': (TripletHead, dict(kind='arc_circle_triplet', gamma=64.0, margin=0.65 * math.pi,
+                                             mining='semihard'), []),
+    'fix_arc_circle_triplet': (TripletHead, dict(kind='fix_arc_circle_triplet', gamma=64.0, margin=0.65 * math.pi,
+                                                 mining='semihard'), []),
+    'triplet_fusion_arc_circle': (FusionHead, dict(gamma=64.0, margin=0.65 * math.pi, alpha=0.3, mining='semihard',
+                                                   weight=1.0), ['fc7_weight']),
+    'arc_circle_triplet_fusion_arc_circle': (FusionHead, dict(gamma=64.0, margin=0.65 * math.pi, mining='semihard',
+                                                              weight=1.0), ['fc7_weight']),
 }
 
 
