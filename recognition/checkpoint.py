@@ -90,7 +90,7 @@ def save_checkpoint(prefix, epoch, net, head=None, strip_fc7=False, extra_blocks
     that have some (attribute heads) stay in the graph beside `fc1_output`, with their parameters.
     """
     # A head without parameters (the pair-wise losses) has no fc7 to keep: the embedding graph.
-    full = head is not None and not strip_fc7 and bool(head.collect_params())
+    full = head is not None and not strip_fc7 and bool(list(head.collect_params().keys()))
     if full:
         sym = training_symbol(net, head, extra_blocks)
     else:

@@ -304,6 +304,27 @@ def test_cli_triplet_finetune_is_deterministic(tmp_path):
         assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
         params = mx.nd.load(str(tmp_path / name / 'demo-triplet-demo' / 'model-0001.params'))
         assert params and not any('fc7' in k for k in params)
+        graph = mx.sym.load(str(tmp_path / name / 'demo-triplet-demo' / 'model-symbol.json'))
+        assert graph.list_outputs() == ['fc1_output']
         runs.append(params)
     assert sorted(runs[0]) == sorted(runs[1])
     assert all((runs[0][k].asnumpy() == runs[1][k].asnumpy()).all() for k in runs[0])
+
+
+def test_checkpoints_of_pair_and_fusion_heads(tmp_path):
+    """A pair-wise head has no fc7: its checkpoint is the embedding graph; a fusion keeps fc7 and the
+    training graph over its class logits."""
+    from mxnet.gluon import nn
+    from recognition import checkpoint
+    net = nn.HybridSequential(prefix='')
+    net.add(nn.Flatten(), nn.Dense(EMB, prefix='fc1_'))
+    net.initialize()
+    net(mx.nd.zeros((3, 3, 4, 4)))
+    for name, fc7 in (('triplet', False), ('triplet_fusion_arc_circle', True)):
+        head = build_head(name, C, EMB)
+        head.initialize()
+        prefix = str(tmp_path / name)
+        checkpoint.save_checkpoint(prefix, 1, net, head)
+        sym, arg, _ = mx.model.load_checkpoint(prefix, 1)
+        assert ('fc7_weight' in arg) == fc7 and ('softmax_output' in sym.list_outputs()) == fc7
+        assert 'fc1_weight' in arg

@@ -207,6 +207,9 @@ class TrainingSession:
         self.params = {**self.net.collect_params(), **self.head.collect_params(),
                        **(self.tasks.collect_params() if self.tasks is not None else {})}
         self.trainable = {n: p for n, p in self.params.items() if p.grad_req != 'null'}
+        if not self.trainable:
+            raise UserError(f'--freeze-block {opts.freeze_block} trains only fc7, and --loss {opts.loss} has none '
+                            f'(a pair-wise loss trains the embedding: use --freeze-block 0 or 2)')
         try:
             lr_steps = [int(s) for s in str(opts.lr_steps).split(',') if s.strip()]
         except ValueError:
