@@ -1,10 +1,12 @@
 """Classification heads on the embedding: insightface's margin softmax family, the FairFace seed's
-arc-circle loss, center loss and attribute (gender / age) heads; `AuxiliaryTasks` trains the last two
-beside the margin loss (`--center-loss-weight`, `--attr-heads`).
+arc-circle loss and its other class-level and pair-wise (triplet) losses, center loss and attribute
+(gender / age) heads; `AuxiliaryTasks` trains the last two beside the margin loss (`--center-loss-weight`,
+`--attr-heads`). Formulas: docs/losses.md.
 
-Heads return logits; the loss is ``gluon.loss.SoftmaxCrossEntropyLoss`` over them (insightface's
-``SoftmaxOutput(normalization='valid')`` averaged over the batch).  The classifier weight is
-``fc7_weight`` (classes x emb) as in insightface, so checkpoints keep it under that name.
+Class-level heads return logits; the loss is softmax cross-entropy over them (insightface's
+``SoftmaxOutput(normalization='valid')`` averaged over the batch; `HeadLoss`, with label smoothing).  The
+classifier weight is ``fc7_weight`` (classes x emb) as in insightface, so checkpoints keep it under that
+name.  Pair-wise heads return their own per-sample loss on triplet batches.
 """
 import inspect
 import json
