@@ -1,7 +1,8 @@
 """The trainer: insightface's `train.py` on Gluon (hybridised, data-parallel, kvstore), with exact resume.
 
 One step: the global batch is split over the contexts (`split_and_load`), each slice runs embedding net +
-margin head + softmax cross-entropy under `autograd.record`, gradients are reduced by the kvstore and
+margin head + softmax cross-entropy (`losses.HeadLoss`; a pair-wise loss on triplet batches of
+`data.triplets` instead) under `autograd.record`, gradients are reduced by the kvstore and
 `gluon.Trainer.step(global_batch)` applies SGD; the loss mean is the batch mean, like insightface's
 `SoftmaxOutput(normalization='valid')` with `rescale_grad = 1/ctx_num`.
 
