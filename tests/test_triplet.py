@@ -112,7 +112,7 @@ def test_pair_losses_match_reference(kind, mining):
     head.hybridize()
     proj = np.random.RandomState(1).normal(size=N)
     loss, hit, grad = run_head(head, emb, label, proj)
-    ref = pair_reference(emb, label, kind, mining, alpha=getattr(head, 'alpha'))
+    ref = pair_reference(emb, label, kind, mining, alpha=head.alpha)
     np.testing.assert_allclose(loss, ref, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(ref).max()))
     assert ref.any()        # the case is not one where every triplet is already satisfied
 
@@ -328,3 +328,28 @@ def test_checkpoints_of_pair_and_fusion_heads(tmp_path):
         sym, arg, _ = mx.model.load_checkpoint(prefix, 1)
         assert ('fc7_weight' in arg) == fc7 and ('softmax_output' in sym.list_outputs()) == fc7
         assert 'fc1_weight' in arg
+
+
+def test_session_refuses_what_a_triplet_run_cannot_do(tmp_path):
+    """--freeze-block 1 leaves a pair-wise loss nothing to train; a set with fewer pairs than one batch."""
+    from easydict import EasyDict
+    from mxnet.gluon import nn
+    from recognition.config import generate_config
+    from recognition.training import TrainingSession
+    data_dir = os.path.dirname(make_rec(str(tmp_path / 'data'), per_identity=(2, 2, 3)))
+    config, default = generate_config('demo', 'demo', 'triplet')
+    base = EasyDict(dict(config, **default))
+    base.update(loss='triplet', dataset_path=data_dir, val_targets=[], models_root=str(tmp_path / 'models'), per_batch_size=3,
+                num_workers=0, progress_bar=False, ctx='cpu:1', kvstore='device', lr_steps='', seed=0)
+
+    def net():
+        block = nn.HybridSequential(prefix='')
+        block.add(nn.Flatten(), nn.Dense(EMB, prefix='fc1_'))
+        return block
+    with pytest.raises(UserError, match='^--freeze-block 1 trains only fc7, and --loss triplet has none'):
+        TrainingSession(EasyDict(base, freeze_block=1), net=net(), head=build_head('triplet', 3, EMB))
+    with pytest.raises(UserError, match=r'3 \(anchor, positive\) pairs, fewer than one batch of 6 triplets$'):
+        TrainingSession(EasyDict(base, per_batch_size=18), net=net(), head=build_head('triplet', 3, EMB))
+    sess = TrainingSession(base, net=net(), head=build_head('triplet', 3, EMB))
+    assert sess.steps_per_epoch == 3 and sess.triplets is not None
+    sess.close()
