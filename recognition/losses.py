@@ -542,6 +542,10 @@ class FusionHead(gluon.HybridBlock):
         self.num_classes = num_classes
         self.alpha, self.mining, self.gamma, self.margin = self.pair.alpha, mining, float(gamma), float(margin)
 
+    def cosine(self, emb):
+        """The class-level head's cos(theta_j) (accuracy, hard samples, ``--fpr-penalty``)."""
+        return self.classifier.cosine(emb)
+
     def hybrid_forward(self, F, emb, label):
         return self.classifier(emb, label), self.pair(emb, label)[0] * self.weight
 

@@ -192,6 +192,9 @@ class TrainingSession:
             self.sampler = balanced_sampler(self.dataset, attribute, self.batch_size, self._samples_per_worker(),
                                             seed=self.seed, rank=self.topology.rank, identities=self.identities,
                                             log=self.log.info)
+        if self.sampler is not None and self.triplets is not None:
+            raise UserError(f'--sampler {opts.sampler}: --loss {opts.loss} draws its own triplet batches '
+                            f'(recognition.data.triplets); use one or the other')
         self.fpr_weight = float(opts.get('fpr_penalty') or 0)
         self.fpr_target = float(opts.get('fpr_target') or 0)
         self._fpr_window = []
