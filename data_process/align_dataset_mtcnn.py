@@ -3,7 +3,8 @@
 Mirrors the folder tree as JPEGs and writes OUTPUT_DIR/align_report.csv
 (`path,status,score,x1,y1,...,x5,y5`; landmarks in input pixels). Faces come from --landmarks
 (`relative/path x1 y1 ... x5 y5` lines) or from the MTCNN detector with the seed's fallbacks
-(more scales, rotations, finally a centre crop reported as 'forced'). Existing outputs are skipped,
+(more scales, rotations, then with --detector mtcnn+mmod dlib's MMOD CNN, finally a centre crop
+reported as 'forced'); the report's last column names the detector of each face. Existing outputs are skipped,
 so an interrupted run resumes; unreadable images are reported as 'failed' and the run goes on.
 """
 import argparse
@@ -13,8 +14,19 @@ import sys
 from recognition.alignment.folder import REPORT_NAME, align_folder
 from recognition.alignment.geometry import crop_size
 from recognition.alignment.landmarks_file import read_landmarks_file
-from recognition.detection import MTCNNDetector
+from recognition.detection.choice import add_detector_args, detectors_from_args
 from recognition.utils import parse_contexts, run_cli
+
+
+def status_summary(rows):
+    """'3 detected (2 mtcnn, 1 mmod), 1 forced': how the faces were found."""
+    counts = collections.Counter(r.status for r in rows)
+    by_detector = collections.Counter(r.detector for r in rows if r.status == 'detected')
+    parts = []
+    for status in sorted(counts):
+        detail = ', '.join(f'{by_detector[d]} {d}' for d in sorted(by_detector)) if status == 'detected' else ''
+        parts.append(f'{counts[status]} {status}' + (f' ({detail})' if detail else ''))
+    return ', '.join(parts)
 
 
 def main(argv=None):
@@ -27,20 +39,21 @@ def main(argv=None):
     parser.add_argument('--num-workers', type=int, default=1, help='worker processes')
     parser.add_argument('--min-face-size', type=int, default=20, help='MTCNN minimum face size in pixels')
     parser.add_argument('--no-skip-existing', action='store_true', help='redo images that already have an output')
-    parser.add_argument('--gpus', default='', help='detector GPU, e.g. 0 (default CPU)')
+    parser.add_argument('--gpus', default='', help='MTCNN GPU, e.g. 0 (default CPU)')
+    add_detector_args(parser)
     args = parser.parse_args(argv)
 
     landmarks = read_landmarks_file(args.landmarks) if args.landmarks else None
-    detector = None
+    mtcnn_config = {}
     if args.min_face_size != 20 or args.gpus:
-        detector = MTCNNDetector(ctx=parse_contexts(args.gpus)[0], min_face_size=args.min_face_size)
+        mtcnn_config = dict(ctx=parse_contexts(args.gpus)[0], min_face_size=args.min_face_size)
+    detector = detectors_from_args(args, mtcnn_config)
     height, width = args.image_size
     rows = align_folder(args.input_dir, args.output_dir, image_size=height, width=width, landmarks=landmarks,
                         detector=detector, num_workers=args.num_workers,
                         skip_existing=not args.no_skip_existing,
                         log=lambda message: print(f'warning: {message}', file=sys.stderr, flush=True))
-    counts = collections.Counter(r.status for r in rows)
-    summary = ', '.join(f'{counts[s]} {s}' for s in sorted(counts))
+    summary = status_summary(rows)
     print(f'{len(rows)} images: {summary or "none found"}; report {args.output_dir}/{REPORT_NAME}')
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 
 from recognition.alignment.folder import REPORT_NAME, align_folder
+from recognition.detection.choice import add_detector_args, detectors_from_args
 from recognition.evaluation.ensemble import FUSIONS, ensemble_scores
 from recognition.evaluation.fairness import FMR_TARGET
 from recognition.evaluation.pairs_csv import read_pairs_csv
@@ -60,6 +61,7 @@ def parse_args(argv=None):
                    help='score for pairs whose image is missing (default: missing images are an error)')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--workers', type=int, default=1, help='alignment worker processes')
+    add_detector_args(p)
     p.add_argument('--gpus', default='')
     p.add_argument('--ctx', default='')
     return p.parse_args(argv)
@@ -69,12 +71,12 @@ def align(args):
     """Aligned crops of --images in --aligned-dir (existing crops are reused); returns that folder and
     {template id: photo} of the photos that failed alignment.
 
-    Images listed in --landmarks are warped from their points; the others go through MTCNN and the
-    alignment module's fallbacks.
+    Images listed in --landmarks are warped from their points; the others go through --detector and
+    the alignment module's fallbacks.
     """
     out_dir = args.aligned_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), 'aligned')
     rows = align_folder(args.images, out_dir, image_size=112, landmarks=args.landmarks or None,
-                        num_workers=args.workers, skip_existing=True)
+                        detector=detectors_from_args(args), num_workers=args.workers, skip_existing=True)
     failed = {os.path.splitext(os.path.basename(r.path))[0]: r.path for r in rows if r.status == 'failed'}
     return out_dir, failed
 

@@ -192,7 +192,8 @@ def test_align_dataset_cli(tmp_path, env):
     assert sorted(report) == ['p1/a.jpg', 'p2/b.png', 'p2/broken.jpg']
     assert report['p1/a.jpg'][1] == 'detected' and float(report['p1/a.jpg'][2]) > 0.9
     assert report['p2/broken.jpg'][1] == 'failed'
-    points = np.array(report['p1/a.jpg'][3:], dtype=float).reshape(5, 2)
+    points = np.array(report['p1/a.jpg'][3:13], dtype=float).reshape(5, 2)
+    assert report['p1/a.jpg'][13] == 'mtcnn' and report['p2/broken.jpg'][13] == ''   # the detector column
     assert points[0, 1] < points[2, 1] < points[3, 1]        # eye above nose above mouth, input pixels
     assert cv2.imread(str(out / 'p2' / 'b.jpg')).shape == (112, 112, 3)
     assert not (out / 'p2' / 'broken.jpg').exists()

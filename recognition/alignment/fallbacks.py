@@ -1,22 +1,27 @@
-"""Align one image by detection, with the FairFace seed's fallbacks: the main face of the first
-pass, else retries at more scales, then on rotations, then a centre crop reported as 'forced'."""
+"""Align one image by detection, with the FairFace seed's fallbacks: the main face of MTCNN's first
+pass, else MTCNN's retries at more scales, then on rotations, then (with `--detector mtcnn+mmod`)
+one pass of dlib's MMOD CNN, then a centre crop reported as 'forced'."""
 import functools
 from collections import namedtuple
 
 import cv2
 import numpy as np
 
-from recognition.detection import MTCNNDetector
+from recognition.detection.choice import build_detectors, shared_detector
 from recognition.alignment.geometry import FORCED_MARGIN, norm_crop, transform_points
 
-AlignResult = namedtuple('AlignResult', 'image status landmarks score')
+AlignResult = namedtuple('AlignResult', 'image status landmarks score detector', defaults=(None,))
 AlignResult.__doc__ = """An aligned crop (or None), how it was obtained ('given', 'detected', 'forced',
-'failed'), the 5x2 landmarks used (input pixels; None when forced/failed) and the detection score."""
+'failed'), the 5x2 landmarks used (input pixels; None when forced/failed), the detection score (on the
+detector's own scale) and the name of the detector that found the face ('mtcnn', 'mmod'; else None)."""
 
 # The seed's first pass caps the longer side at 640 px; its scale retry tries these longer sides.
 FIRST_MAX_SIDE = 640
 RETRY_MAX_SIDES = (160, 320, 480, 800, 960)
 RETRY_ANGLES = (-15, 15, -30, 30, -45, 45)
+# Detectors that get the scale and rotation retries. MMOD runs once: its upsampling stands in for the
+# scale retry, and at 1-5 s a pass (issue 19) six rotations would cost half a minute per photo.
+RETRIED = ('mtcnn',)
 
 
 def select_face(boxes, image_shape):
@@ -32,10 +37,9 @@ def select_face(boxes, image_shape):
     return int(np.argmax(area - 2.0 * offset2))
 
 
-@functools.lru_cache(maxsize=1)
 def default_detector():
     """One shared MTCNN detector per process, built on first use (loading it costs ~1 s)."""
-    return MTCNNDetector()
+    return shared_detector('mtcnn')
 
 
 def _main_face(detector, img, scale=1.0, shape=None):
@@ -87,10 +91,21 @@ def center_crop(img, image_size=112, margin=FORCED_MARGIN, width=None):
     return cv2.resize(crop, (width, image_size), interpolation=cv2.INTER_AREA)
 
 
+def attempts(detector, img, fallbacks=True):
+    """The detection passes of one detector, in order: the first pass (the longer side capped at
+    FIRST_MAX_SIDE), then for RETRIED detectors with `fallbacks` the scale and rotation retries."""
+    yield functools.partial(detect_at_size, detector, img, FIRST_MAX_SIDE)
+    if fallbacks and detector.name in RETRIED:
+        yield from (functools.partial(detect_at_size, detector, img, s) for s in RETRY_MAX_SIDES)
+        yield from (functools.partial(detect_rotated, detector, img, a) for a in RETRY_ANGLES)
+
+
 def align_face(img_bgr, detector=None, landmarks=None, image_size=112, fallbacks=True, width=None):
     """Align one BGR image to an image_size x width crop (112x112, or 112x96 with width=96): from
-    given landmarks, else by detection; with `fallbacks`, retry at more scales, then on rotations,
-    then take a centre crop ('forced'). Never raises for a faceless image."""
+    given landmarks, else by detection. `detector`: one detector or a list tried in order (default:
+    the default `--detector` choice, MTCNN then MMOD when dlib is installed). With `fallbacks`, MTCNN
+    retries at more scales and on rotations, the next detector runs, then a centre crop is taken
+    ('forced'); without, only the first detector's first pass. Never raises for a faceless image."""
     img = np.asarray(img_bgr)
     if img.ndim == 2:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
@@ -101,17 +116,17 @@ def align_face(img_bgr, detector=None, landmarks=None, image_size=112, fallbacks
         except ValueError:
             if not fallbacks:
                 return AlignResult(None, 'failed', landmarks, None)
-    detector = detector or default_detector()
-    attempts = [functools.partial(detect_at_size, detector, img, FIRST_MAX_SIDE)]
-    if fallbacks:
-        attempts += [functools.partial(detect_at_size, detector, img, s) for s in RETRY_MAX_SIDES]
-        attempts += [functools.partial(detect_rotated, detector, img, a) for a in RETRY_ANGLES]
-    for attempt in attempts:
-        found = attempt()
-        if found is not None:
+    if detector is None:
+        detector = build_detectors()
+    detectors = list(detector) if isinstance(detector, (list, tuple)) else [detector]
+    for det in detectors if fallbacks else detectors[:1]:
+        for attempt in attempts(det, img, fallbacks):
+            found = attempt()
+            if found is None:
+                continue
             points, score = found
             try:
-                return AlignResult(norm_crop(img, points, image_size, width), 'detected', points, score)
+                return AlignResult(norm_crop(img, points, image_size, width), 'detected', points, score, det.name)
             except ValueError:  # degenerate points: try the next fallback
                 continue
     if fallbacks:

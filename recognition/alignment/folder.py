@@ -9,19 +9,20 @@ import cv2
 import numpy as np
 
 from recognition.data.lst import list_images
-from recognition.detection import MTCNNDetector
+from recognition.detection.choice import LazyDetector, build_detectors
 from recognition.utils import UserError, atomic_open
 from recognition.worker_pool import spawn_pool
-from recognition.alignment.fallbacks import align_face, default_detector
+from recognition.alignment.fallbacks import align_face
 from recognition.alignment.geometry import template
 from recognition.alignment.landmarks_file import read_landmarks_file, relative_key
 
-ReportRow = namedtuple('ReportRow', 'path status score landmarks')
+ReportRow = namedtuple('ReportRow', 'path status score landmarks detector', defaults=(None,))
 ReportRow.__doc__ = """One line of align_report.csv: input path relative to the input folder (with
-'/'), status, detection score (None unless detected) and the 5x2 landmarks (or None)."""
+'/'), status, detection score (None unless detected), the 5x2 landmarks (or None) and the detector
+that found the face ('mtcnn', 'mmod'; None unless detected)."""
 
 REPORT_NAME = 'align_report.csv'
-REPORT_HEADER = ['path', 'status', 'score'] + [f'{c}{i}' for i in range(1, 6) for c in 'xy']
+REPORT_HEADER = ['path', 'status', 'score'] + [f'{c}{i}' for i in range(1, 6) for c in 'xy'] + ['detector']
 
 
 def output_name(rel_path):
@@ -32,14 +33,15 @@ def output_name(rel_path):
 def _format_row(row):
     score = '' if row.score is None else f'{row.score:.6f}'
     points = [''] * 10 if row.landmarks is None else [f'{v:.2f}' for v in np.ravel(row.landmarks)]
-    return [row.path, row.status, score] + points
+    return [row.path, row.status, score] + points + [row.detector or '']
 
 
 def _parse_row(values):
     path, status, score = values[:3]
     coords = values[3:13]
     landmarks = np.array([float(v) for v in coords]).reshape(5, 2) if all(coords) and len(coords) == 10 else None
-    return ReportRow(path, status, float(score) if score else None, landmarks)
+    detector = values[13] if len(values) > 13 and values[13] else None
+    return ReportRow(path, status, float(score) if score else None, landmarks, detector)
 
 
 def write_report(path, rows):
@@ -57,7 +59,8 @@ def read_report(path):
     rows = []
     with open(path, newline='', encoding='utf-8') as f:
         for values in csv.reader(f):
-            if values and values != REPORT_HEADER and len(values) == len(REPORT_HEADER):
+            # Reports written before the detector column have one value less; their rows still resume.
+            if values and values != REPORT_HEADER and len(REPORT_HEADER) - 1 <= len(values) <= len(REPORT_HEADER):
                 try:
                     rows.append(_parse_row(values))
                 except ValueError:  # a torn last line of an interrupted run
@@ -68,25 +71,11 @@ def read_report(path):
 _WORKER = {}
 
 
-def _worker_init(input_dir, output_dir, crop_size, detector, detector_config):
-    """Per-process state (crop_size: (image_size, width)); worker processes build their own
-    detector lazily (landmark runs need none)."""
-    _WORKER.update(input_dir=input_dir, output_dir=output_dir, crop_size=crop_size,
-                   detector=detector, detector_config=detector_config)
-
-
-def _worker_detector():
-    if _WORKER['detector'] is None:
-        config = _WORKER['detector_config']
-        _WORKER['detector'] = MTCNNDetector(**config) if config else default_detector()
-    return _WORKER['detector']
-
-
-class _LazyDetector:
-    """Stands in for the detector so it is only built when an image has no given landmarks."""
-
-    def detect(self, img):
-        return _worker_detector().detect(img)
+def _worker_init(input_dir, output_dir, crop_size, detectors=None, specs=()):
+    """Per-process state (crop_size: (image_size, width)). Worker processes get the detectors as
+    (name, config) `specs` and build their own, lazily (landmark runs need none)."""
+    detectors = detectors or [LazyDetector(name, config) for name, config in specs]
+    _WORKER.update(input_dir=input_dir, output_dir=output_dir, crop_size=crop_size, detectors=detectors)
 
 
 def _align_task(task):
@@ -100,7 +89,7 @@ def _align_task(task):
     if img is None:
         return ReportRow(rel, 'failed', None, None), f'{src}: unreadable image'
     image_size, width = _WORKER['crop_size']
-    result = align_face(img, detector=_LazyDetector(), landmarks=points, image_size=image_size, width=width)
+    result = align_face(img, detector=_WORKER['detectors'], landmarks=points, image_size=image_size, width=width)
     if result.image is None:
         return ReportRow(rel, 'failed', None, result.landmarks), f'{src}: no face'
     ok, buf = cv2.imencode('.jpg', result.image, [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -108,7 +97,7 @@ def _align_task(task):
         return ReportRow(rel, 'failed', None, None), f'{src}: JPEG encoding failed'
     with atomic_open(os.path.join(_WORKER['output_dir'], output_name(rel)), 'wb') as f:
         f.write(buf.tobytes())
-    return ReportRow(rel, result.status, result.score, result.landmarks), None
+    return ReportRow(rel, result.status, result.score, result.landmarks, result.detector), None
 
 
 def align_folder(input_dir, output_dir, image_size=112, landmarks=None, detector=None, num_workers=1,
@@ -118,7 +107,8 @@ def align_folder(input_dir, output_dir, image_size=112, landmarks=None, detector
     ReportRows sorted by path.
 
     `landmarks`: {relative path: 5x2} (or a landmarks file path); listed images are warped from
-    their points, the others detected with fallbacks. Resumable: with `skip_existing`, images whose
+    their points, the others detected with fallbacks by `detector`: one detector or a list in the
+    order tried (default: the default `--detector` choice; `detection.choice.build_detectors`). Resumable: with `skip_existing`, images whose
     output exists are skipped and keep their row from the previous (possibly interrupted) run's
     report ('skipped' if it has none). Unreadable images become 'failed' rows; `log` gets a message.
     """
@@ -150,8 +140,10 @@ def align_folder(input_dir, output_dir, image_size=112, landmarks=None, detector
             rows.append(previous.get(rel) or ReportRow(rel, 'skipped', None, None))
         else:
             tasks.append((rel, landmarks.get(rel)))
-    config = detector.config() if hasattr(detector, 'config') else None
-    init_args = (input_dir, output_dir, (image_size, width), detector, config)
+    if detector is None:
+        detector = build_detectors()
+    detectors = list(detector) if isinstance(detector, (list, tuple)) else [detector]
+    init_args = (input_dir, output_dir, (image_size, width), detectors)
     with open(partial, 'a', newline='', encoding='utf-8') as progress:
         writer = csv.writer(progress)
         if num_workers == 1 or len(tasks) <= 1:
@@ -159,8 +151,9 @@ def align_folder(input_dir, output_dir, image_size=112, landmarks=None, detector
             results = map(_align_task, tasks)
             pool = None
         else:
-            # Workers build their own detector: MXNet state is not shared across processes.
-            pool = spawn_pool(num_workers, _worker_init, init_args[:3] + (None, config))
+            # Workers build their own detectors: MXNet state is not shared across processes.
+            specs = [(d.name, d.config()) for d in detectors]
+            pool = spawn_pool(num_workers, _worker_init, init_args[:3] + (None, specs))
             results = pool.imap(_align_task, tasks, chunksize=4)
         try:
             for row, message in results:

@@ -402,6 +402,7 @@ class MTCNNDetector:
     `detect(img_bgr)` returns (boxes N x 5 [x1, y1, x2, y2, score], landmarks N x 5 x 2) in input
     pixels, landmarks ordered left eye, right eye, nose, left mouth corner, right mouth corner.
     """
+    name = 'mtcnn'
 
     def __init__(self, ctx=None, min_face_size=20, thresholds=(0.6, 0.7, 0.8), factor=0.709):
         if not min_face_size > 0:
