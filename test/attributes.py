@@ -5,13 +5,14 @@
         --metadata datasets/demo_fairface/val/metadata.csv --out attributes_val
 
 --model is `prefix,epoch` or a model folder (model.json). Images are named <TEMPLATE_ID>.<ext>; they are
-aligned first (given landmarks, else MTCNN with fallbacks) unless --already-aligned. Writes
+aligned first (given landmarks, else --detector with fallbacks) unless --already-aligned. Writes
 attributes.json, attributes.csv and confusion_<attribute>.png into --out.
 """
 import argparse
 import os
 
 from recognition.alignment.folder import align_folder
+from recognition.detection.choice import add_detector_args, detectors_from_args
 from recognition.evaluation.attributes import attribute_heads, evaluate_attributes, metadata_codes
 from recognition.inference import load_embedder, model_spec, template_images
 from recognition.utils import UserError, add_device_args, parse_contexts, run_cli
@@ -30,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument('--no-flip', action='store_true', help='no mirrored-crop averaging')
     p.add_argument('--image-size', type=int, default=112, help='network input size (crops are resized to it)')
     p.add_argument('--workers', type=int, default=1, help='alignment worker processes')
+    add_detector_args(p)
     add_device_args(p)
     return p.parse_args(argv)
 
@@ -50,7 +52,7 @@ def main(argv=None):
     if not args.already_aligned:
         image_dir = args.aligned_dir or os.path.join(args.out, 'aligned')
         align_folder(args.images, image_dir, image_size=args.image_size, landmarks=args.landmarks or None,
-                     num_workers=args.workers, skip_existing=True)
+                     detector=detectors_from_args(args), num_workers=args.workers, skip_existing=True)
     images = template_images(image_dir)
     missing = [t for t in ids if t not in images]
     if missing:
