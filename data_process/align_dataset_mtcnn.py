@@ -1,10 +1,10 @@
 """Align a folder of photos to 112x112 (or 112x96) faces: `align_dataset_mtcnn.py INPUT_DIR OUTPUT_DIR`.
 
 Mirrors the folder tree as JPEGs and writes OUTPUT_DIR/align_report.csv
-(`path,status,score,x1,y1,...,x5,y5`; landmarks in input pixels). Faces come from --landmarks
-(`relative/path x1 y1 ... x5 y5` lines) or from the MTCNN detector with the seed's fallbacks
-(more scales, rotations, then with --detector mtcnn+mmod dlib's MMOD CNN, finally a centre crop
-reported as 'forced'); the report's last column names the detector of each face. Existing outputs are skipped,
+(`path,status,score,x1,y1,...,x5,y5,detector`; landmarks in input pixels; detector `mtcnn` or `mmod`
+for detected faces). Faces come from --landmarks (`relative/path x1 y1 ... x5 y5` lines) or from the
+MTCNN detector with the seed's fallbacks (more scales, rotations, then with --detector mtcnn+mmod one
+pass of dlib's MMOD CNN, finally a centre crop reported as 'forced'). Existing outputs are skipped,
 so an interrupted run resumes; unreadable images are reported as 'failed' and the run goes on.
 """
 import argparse

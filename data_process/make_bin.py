@@ -4,7 +4,8 @@ PAIRS is LFW's pairs.txt (a header `folds pairs_per_fold` or `pairs`, then `name
 and `name1 n1 name2 n2` different-person lines, images at DIR/name/name_%04d.jpg) or simple
 `path1 path2 0|1` lines with paths relative to DIR. Each image is aligned to 112x112 (or 112x96
 with --image-size 112,96) from --landmarks (`relative/path x1 y1 ... x5 y5`) or by detection
-with fallbacks (--detector: MTCNN, then dlib's MMOD before the forced crop), JPEG-encoded, and stored in pair order with the issame list.
+with fallbacks (--detector: MTCNN, then dlib's MMOD before the forced crop), JPEG-encoded, and
+stored in pair order with the issame list.
 """
 import argparse
 import collections

@@ -7,7 +7,7 @@ from collections import namedtuple
 import cv2
 import numpy as np
 
-from recognition.detection.choice import build_detectors, shared_detector
+from recognition.detection.choice import build_detectors
 from recognition.alignment.geometry import FORCED_MARGIN, norm_crop, transform_points
 
 AlignResult = namedtuple('AlignResult', 'image status landmarks score detector', defaults=(None,))
@@ -35,11 +35,6 @@ def select_face(boxes, image_shape):
     offset2 = ((boxes[:, 0] + boxes[:, 2]) / 2 - width / 2) ** 2 \
         + ((boxes[:, 1] + boxes[:, 3]) / 2 - height / 2) ** 2
     return int(np.argmax(area - 2.0 * offset2))
-
-
-def default_detector():
-    """One shared MTCNN detector per process, built on first use (loading it costs ~1 s)."""
-    return shared_detector('mtcnn')
 
 
 def _main_face(detector, img, scale=1.0, shape=None):

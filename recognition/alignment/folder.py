@@ -108,9 +108,9 @@ def align_folder(input_dir, output_dir, image_size=112, landmarks=None, detector
 
     `landmarks`: {relative path: 5x2} (or a landmarks file path); listed images are warped from
     their points, the others detected with fallbacks by `detector`: one detector or a list in the
-    order tried (default: the default `--detector` choice; `detection.choice.build_detectors`). Resumable: with `skip_existing`, images whose
-    output exists are skipped and keep their row from the previous (possibly interrupted) run's
-    report ('skipped' if it has none). Unreadable images become 'failed' rows; `log` gets a message.
+    order tried (default: the default `--detector` choice, `detection.choice.build_detectors`).
+    Resumable: with `skip_existing`, images whose output exists are skipped and keep their row from
+    the previous (possibly interrupted) run's report ('skipped' if it has none). Unreadable images become 'failed' rows; `log` gets a message.
     """
     if not os.path.isdir(input_dir):
         raise UserError(f'{input_dir}: not a folder')
