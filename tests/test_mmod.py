@@ -171,7 +171,8 @@ def test_align_cli_detector_mmod(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake), os.environ.get('PYTHONPATH', '')]))
     bad = run_align(tmp_path, src, tmp_path / 'out3', '--detector', 'mmod', env=env)
     assert bad.returncode == 2 and 'Traceback' not in bad.stderr
-    assert bad.stderr.strip().splitlines() == [
+    # MXNet's engine start-up line can land after ours (its own thread): left aside, as test_faults_ckpt does
+    assert [line for line in bad.stderr.strip().splitlines() if 'engine.cc' not in line] == [
         'error: --detector mmod needs dlib, which is not installed: ' + mmod.INSTALL_HINT]
     bad = run_align(tmp_path, src, tmp_path / 'out4', '--mmod-upsample', '2')
     assert bad.returncode == 2 and '--mmod-upsample' in bad.stderr
