@@ -339,8 +339,9 @@ def _remove_if_present(path):
         pass
 
 
-def save_resume(prefix, params, trainer, state):
-    """Snapshot parameters (name -> Parameter), optimizer state and `state` (json-able) for `--resume`.
+def save_resume(prefix, params, trainer, state, extra=None):
+    """Snapshot parameters (name -> Parameter), optimizer state and `state` (json-able) for `--resume`;
+    `extra` (name -> NDArray) is kept beside the parameters (Partial FC's fc7 momentum).
 
     `trainer=None` snapshots no optimizer state (dist_async: it lives on the servers, which cannot save
     it); resuming then restarts the momentum. The free space is checked first, so a full disk stops the
@@ -349,6 +350,7 @@ def save_resume(prefix, params, trainer, state):
     step = int(state['step'])
     base = '%s-resume-%08d' % (prefix, step)
     arrays = {name: _first_array(p) for name, p in params.items()}
+    arrays.update(extra or {})
     opt_arrays, opt_meta = optimizer_state(trainer) if trainer is not None else ({}, None)
     ensure_free_space(base + '.params', _nbytes(arrays) + _nbytes(opt_arrays))
     files = {base + '.params': arrays, **({base + '.states': opt_arrays} if trainer is not None else {})}
@@ -376,7 +378,8 @@ def save_resume(prefix, params, trainer, state):
 def load_resume(prefix, params):
     """Restore the parameters of a snapshot written by `save_resume` into `params`; return its state dict,
     with `states` the path of the optimizer state (None when the run saved none) and `optimizer_arrays`
-    its arrays (for `restore_optimizer(trainer, state['optimizer'], ...)`).
+    its arrays (for `restore_optimizer(trainer, state['optimizer'], ...)`) and `extra_arrays` the arrays
+    saved beside the parameters (`save_resume`'s `extra`).
 
     Only NDArray files and JSON are read: a pickled optimizer state (MXNet's `Trainer.save_states`, which
     earlier versions wrote) is refused, since unpickling a file runs whatever code it names.
@@ -426,7 +429,8 @@ def load_resume(prefix, params):
                             f'this run needs {tuple(param.shape)}')
     for name, param in params.items():
         param.set_data(arrays[name])
-    return dict(state, states=states, optimizer_arrays=opt_arrays)
+    extra = {n: a for n, a in arrays.items() if n not in params}
+    return dict(state, states=states, optimizer_arrays=opt_arrays, extra_arrays=extra)
 
 
 def _nbytes(arrays):

@@ -98,6 +98,11 @@ def parse_args(argv=None):
                    help='triplet losses: the negative of each anchor within its batch')
     p.add_argument('--triplet-weight', type=float, default=config.get('triplet_weight'),
                    help='fusion losses: weight of the pair-wise loss added to the class-level one')
+    p.add_argument('--sample-ratio', type=float, default=None,
+                   help='Partial FC: each step trains the batch\'s classes plus uniformly drawn others, '
+                        'ceil(R * classes) in all, with fc7 sharded over the contexts (on the servers as '
+                        'row_sparse with dist_sync); 0 < R <= 1 (insightface sample_rate). Default: the full fc7 '
+                        'copied to every context')
     p.add_argument('--fc7-lr-mult', type=float, default=config.fc7_lr_mult)
     p.add_argument('--fc7-wd-mult', type=float, default=config.fc7_wd_mult)
     p.add_argument('--data-color', type=int, default=config.data_color,

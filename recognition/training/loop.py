@@ -31,6 +31,7 @@ from recognition.data.bin import load_verification_set
 from recognition.data.shards import training_recs
 from recognition.groups import group_members, parse_group_values, resolve_group_spec, select_identities
 from recognition.locking import folder_lock
+from recognition.partial_fc import check_ratio
 from recognition.utils import UserError
 from recognition.training import kvstore as kvstore_setup
 from recognition.training.monitor import Monitor, get_logger
@@ -157,6 +158,12 @@ class TrainingSession:
         self.batch_size = opts.per_batch_size * len(self.contexts)
         self.global_batch = self.batch_size * self.topology.num_workers
         self.seed = int(opts.seed)
+        # --sample-ratio: Partial FC (recognition.partial_fc) takes fc7 over from the Trainer.
+        self.sample_ratio = check_ratio(opts.sample_ratio) if opts.get('sample_ratio') is not None else None
+        if self.sample_ratio is not None and self.topology.server_updates:
+            raise UserError(f'--sample-ratio with --kvstore {self.topology.name}: Partial FC on the parameter '
+                            f'server needs dist_sync (its servers update fc7, the workers the rest)')
+        self.pfc = None
 
         self.shard_samples = None
         self.dataset = dataset if dataset is not None else self._open_dataset()
@@ -198,6 +205,13 @@ class TrainingSession:
         self.fpr_weight = float(opts.get('fpr_penalty') or 0)
         self.fpr_target = float(opts.get('fpr_target') or 0)
         self._fpr_window = []
+        if self.sample_ratio is not None:
+            clash = ('--loss %s (triplet batches, no fc7 of its own to sample)' % opts.loss if self.triplets
+                     else '--label-smoothing' if opts.get('label_smoothing')
+                     else '--fpr-penalty (it scores every class)' if self.fpr_weight else None)
+            if clash:
+                raise UserError(f'--sample-ratio {self.sample_ratio:g} does not combine with {clash}: Partial FC '
+                                f'computes its own softmax over the sampled classes')
 
         # Reproducible initialisation; the per-step reseed below keeps dropout reproducible too.
         mx.random.seed(self.seed)
@@ -211,7 +225,7 @@ class TrainingSession:
         self.params = {**self.net.collect_params(), **self.head.collect_params(),
                        **(self.tasks.collect_params() if self.tasks is not None else {})}
         self.trainable = {n: p for n, p in self.params.items() if p.grad_req != 'null'}
-        if not self.trainable:
+        if not self.trainable and self.sample_ratio is None:   # with Partial FC, fc7 is not the Trainer's
             raise UserError(f'--freeze-block {opts.freeze_block} trains only fc7, and --loss {opts.loss} has none '
                             f'(a pair-wise loss trains the embedding: use --freeze-block 0 or 2)')
         try:
@@ -238,10 +252,32 @@ class TrainingSession:
         self.last_checkpoint = None
         self.monitor = None
         self._stop_signal = None
+        self._resume_extra = {}
         if opts.get('resume'):
             self._resume()
         else:
             self._join_kvstore()
+        if self.sample_ratio is not None:
+            self._build_partial_fc()
+
+    def _build_partial_fc(self):
+        """fc7 sampled and sharded over the contexts (on the servers with dist_sync), from the head's
+        parameters as initialised, loaded or resumed; a resume also restores its momentum."""
+        from recognition.partial_fc import PartialFC
+        opts = self.opts
+        dist = self.topology.distributed
+        self.pfc = PartialFC(self.head, self.contexts, self.sample_ratio, self.seed, self.global_batch, opts.wd, opts.mom, log=self.log.info,
+                             kvstore=self.topology.kvstore if dist else None, rank=self.topology.rank,
+                             num_workers=self.topology.num_workers,
+                             lr_scheduler=ServerSchedule(self.schedule) if dist else None, begin_step=self.step)
+        if self._resume_extra:
+            self.pfc.load(self._resume_extra)
+        if dist and self.step:
+            self.log.warning('Partial FC on the parameter server: the servers hold fc7\'s momentum, which they '
+                             'cannot save; it restarts at this resume')
+        self.log.info('Partial FC: %d of %d classes per step (--sample-ratio %g), fc7 in %d shard(s)%s',
+                      self.pfc.sampler.size, self.num_classes, self.sample_ratio, len(self.pfc.bounds),
+                      ' on the servers (row_sparse)' if dist else '')
 
     # --- construction -------------------------------------------------------------------------------
     def _open_dataset(self):
@@ -309,17 +345,22 @@ class TrainingSession:
         if self.fpr_weight and not hasattr(head, 'cosine'):
             raise UserError(f'--fpr-penalty needs a head with fc7 cosines, not {type(head).__name__}')
         init_params(net, ctx=self.contexts)
-        head.initialize(ctx=self.contexts)
+        # Partial FC keeps the merged fc7 in host memory and its shards on the contexts.
+        head_ctx = [mx.cpu()] if self.sample_ratio is not None else self.contexts
+        head.initialize(ctx=head_ctx)
         # One forward completes Gluon's deferred initialisation, so shapes exist for loading; three samples,
         # so that a pair-wise head sees one whole (anchor, positive, negative) triplet.
         x = mx.nd.zeros((3, 3) + self.image_size, ctx=self.contexts[0])
-        head(net(x), mx.nd.array([0, 0, 1], ctx=self.contexts[0]))
+        head(net(x).as_in_context(head_ctx[0]), mx.nd.array([0, 0, 1], ctx=head_ctx[0]))
         if opts.get('pretrained'):
             prefix, epoch = checkpoint.parse_pretrained(opts.pretrained)
             self.log.info('loading pretrained %s,%d', prefix, epoch)
             checkpoint.load_pretrained(net, head, prefix, epoch, log=self.log.info)
         for name, p in net.collect_params().items():
             p.wd_mult = wd_multiplier(name)
+        if self.sample_ratio is not None:
+            for p in head.collect_params().values():
+                p.grad_req = 'null'   # not the Trainer's: PartialFC updates the sampled rows
         net.hybridize(static_alloc=True, static_shape=True)
         head.hybridize(static_alloc=True, static_shape=True)
         return net, head
@@ -365,8 +406,12 @@ class TrainingSession:
         return tasks
 
     def _build_trainer(self):
+        """The Gluon Trainer of the trainable parameters; None when there are none (`--freeze-block 1` with
+        `--sample-ratio`: PartialFC updates fc7 itself)."""
         mx = self.mx
         opts = self.opts
+        if not self.trainable:
+            return None
         optimizer_params = {'learning_rate': opts.lr, 'wd': opts.wd, 'momentum': opts.mom,
                             'multi_precision': self.amp}
         if self.topology.server_updates:
@@ -383,7 +428,7 @@ class TrainingSession:
         return {'step': self.step, 'epoch': self.epoch, 'batch_in_epoch': self.batch_in_epoch,
                 'save_step': self.save_step, 'highest_acc': self.highest_acc, 'seed': self.seed,
                 'global_batch': self.global_batch, 'num_classes': self.num_classes,
-                'plateau': self.plateau.state_dict(), 'methods': self.methods,
+                'plateau': self.plateau.state_dict(), 'methods': self.methods, 'sample_ratio': self.sample_ratio,
                 'run': {'network': self.opts.network, 'loss': self.opts.loss, 'dataset': self.opts.dataset}}
 
     def _resume(self):
@@ -395,6 +440,11 @@ class TrainingSession:
         if state['num_classes'] != self.num_classes:
             raise UserError(f'{checkpoint.resume_file(self.prefix)}: saved with {state["num_classes"]} classes, '
                             f'the dataset has {self.num_classes}')
+        if state.get('sample_ratio') != self.sample_ratio:
+            raise UserError(f'{checkpoint.resume_file(self.prefix)}: saved with --sample-ratio '
+                            f'{state.get("sample_ratio") or "off"}, this run has {self.sample_ratio or "off"}: '
+                            f'resume needs the same --sample-ratio (or continue with --pretrained)')
+        self._resume_extra = state['extra_arrays']
         self.step = state['step']
         self.epoch = state['epoch']
         self.batch_in_epoch = state['batch_in_epoch']
@@ -409,12 +459,13 @@ class TrainingSession:
                             f'--selected-attributes, --sampler, --group-margin and --fpr-penalty')
         self.plateau.load_state_dict(state['plateau'])
         self._join_kvstore()
-        if state['states'] and not self.topology.server_updates:
-            checkpoint.restore_optimizer(self.trainer, state['optimizer'], state['optimizer_arrays'],
-                                         state['states'])
-        # With dist_async the optimizer's update count drives the schedule on the servers (ServerSchedule);
-        # it is sent there at the first step, so starting it at the resumed step resumes the schedule too.
-        self.trainer.optimizer.begin_num_update = self.trainer.optimizer.num_update = self.step
+        if self.trainer is not None:
+            if state['states'] and not self.topology.server_updates:
+                checkpoint.restore_optimizer(self.trainer, state['optimizer'], state['optimizer_arrays'],
+                                             state['states'])
+            # With dist_async the optimizer's update count drives the schedule on the servers (ServerSchedule);
+            # it is sent there at the first step, so starting it at the resumed step resumes the schedule too.
+            self.trainer.optimizer.begin_num_update = self.trainer.optimizer.num_update = self.step
         if self.topology.server_updates:
             self.log.warning('%s keeps the optimizer state on the servers, which cannot save it: the momentum '
                              'restarts', self.topology.name)
@@ -430,7 +481,7 @@ class TrainingSession:
         weight after a forward) is pushed from a temporary the kvstore's init does not wait for, so another
         worker can pull the key before it exists ("init N first" kills the server); a plain copy is safe.
         """
-        if not self.topology.distributed:
+        if not self.topology.distributed or self.trainer is None:
             return
         trainer = self.trainer
         # What step(global_batch) would set; dist_async sends the optimizer to the servers right here.
@@ -452,10 +503,13 @@ class TrainingSession:
         self.mx.nd.waitall()
         if not self.chief:
             return checkpoint.resume_file(self.prefix)
+        if self.pfc is not None:
+            self.pfc.sync_params()
         # Non-trainable parameters (frozen ones, BN statistics) are in `params` too. dist_async keeps the
         # optimizer state on the servers, which cannot save it (see kvstore.Topology.update_on_kvstore).
         trainer = None if self.topology.server_updates else self.trainer
-        return checkpoint.save_resume(self.prefix, self.params, trainer, self.state())
+        extra = self.pfc.momentum_arrays() if self.pfc is not None else None
+        return checkpoint.save_resume(self.prefix, self.params, trainer, self.state(), extra=extra)
 
     # --- data ---------------------------------------------------------------------------------------
     def _batches(self, epoch, start_batch):
@@ -528,6 +582,8 @@ class TrainingSession:
 
     def save_model(self, epoch):
         strip = bool(self.opts.get('ckpt_embedding'))
+        if self.pfc is not None and not strip:
+            self.pfc.sync_params()
         path = checkpoint.save_checkpoint(self.prefix, epoch, self.net, self.head, strip_fc7=strip,
                                           extra_blocks=[self.tasks] if self.tasks is not None else [])
         checkpoint.write_latest(self.run_dir, self.prefix, epoch)
@@ -571,9 +627,15 @@ class TrainingSession:
         ys = mx.gluon.utils.split_and_load(label[:, 0] if label.ndim == 2 else label, self.contexts)
         losses, hits, records = [], [], []
         with autograd.record():
-            for i, (x, y) in enumerate(zip(xs, ys)):
-                emb = self.net(x)
-                loss, hit = self.loss_fn(emb, y)
+            embs = [self.net(x) for x in xs]
+            if self.pfc is not None:
+                margins, pfc_correct = self.pfc.forward(embs, ys, self.step)
+            for i, (emb, y) in enumerate(zip(embs, ys)):
+                if self.pfc is not None:
+                    loss = margins[i]
+                else:
+                    loss, hit = self.loss_fn(emb, y)
+                    hits.append(hit)
                 if self.fpr_weight:
                     from recognition.losses import fpr_penalty   # here: see the note on imports above
                     penalty = fpr_penalty(self.head.cosine(emb), y, self.fpr_target)
@@ -583,8 +645,7 @@ class TrainingSession:
                     loss, record = self.tasks(emb, y, aux[i], loss)
                     records.append(record)
                 losses.append(loss)
-                hits.append(hit)
-            if self.amp:
+            if self.amp and self.trainer is not None:
                 from mxnet.contrib import amp
                 with amp.scale_loss(losses, self.trainer) as scaled:
                     backward = scaled
@@ -594,7 +655,7 @@ class TrainingSession:
         if records:
             self.tasks.account(records)
         loss_sum = sum(float(l.sum().asscalar()) for l in losses)
-        correct = sum(int(h.sum().asscalar()) for h in hits)
+        correct = pfc_correct if self.pfc is not None else sum(int(h.sum().asscalar()) for h in hits)
         return loss_sum / data.shape[0], correct
 
     def _finished(self):
@@ -625,7 +686,7 @@ class TrainingSession:
             while not self._finished():
                 for data, label in self._batches(self.epoch, self.batch_in_epoch):
                     lr = self.schedule(self.step) * self.plateau.scale
-                    if not self.topology.server_updates:
+                    if not self.topology.server_updates and self.trainer is not None:
                         self.trainer.set_learning_rate(lr)
                     mx.random.seed(self.seed * 1000003 + self.step, ctx='all')
                     loss, correct = self._forward_backward(data, label)
@@ -635,7 +696,10 @@ class TrainingSession:
                         raise TrainingDiverged(f'step {self.step + 1}: loss is {loss} (diverged); stopped '
                                                f'before applying the update, nothing saved (last good state: '
                                                f'{where}); try a lower --lr or a warmup')
-                    self.trainer.step(self.global_batch)
+                    if self.trainer is not None:
+                        self.trainer.step(self.global_batch)
+                    if self.pfc is not None:
+                        self.pfc.update(lr)
                     self.step += 1
                     self.batch_in_epoch += 1
                     losses.append(loss)
@@ -673,6 +737,8 @@ class TrainingSession:
                 if self.batch_in_epoch >= self.steps_per_epoch:
                     self.epoch += 1
                     self.batch_in_epoch = 0
+            if self.pfc is not None and not self.chief:
+                self.pfc.sync_params()   # every worker ends with the trained fc7 (the chief's save syncs it)
             if self.step % int(opts.verbose) != 0:
                 self.save_resume()
             latest = '%s,%d' % self.last_checkpoint if self.last_checkpoint else 'none (see --ckpt)'
