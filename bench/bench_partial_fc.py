@@ -204,8 +204,8 @@ def spawn(case):
 
 
 def table(results, ratio):
-    rows = ['| case | classes | contexts | fc7 | step s | step ratio full/sampled | peak RSS GB | fc7 bytes/context GB |',
-            '|---|---|---|---|---|---|---|---|']
+    rows = ['| case | classes | contexts | fc7 | step s | step ratio full/sampled | peak RSS GB '
+            '| fc7 bytes/context GB |', '|---|---|---|---|---|---|---|---|']
     for r in results:
         if r['kind'] == 'dist':
             continue

@@ -6,6 +6,9 @@ margin head + softmax cross-entropy (`losses.HeadLoss`; a pair-wise loss on trip
 `gluon.Trainer.step(global_batch)` applies SGD; the loss mean is the batch mean, like insightface's
 `SoftmaxOutput(normalization='valid')` with `rescale_grad = 1/ctx_num`.
 
+`--sample-ratio` hands fc7 to `partial_fc.PartialFC` (sampled columns, sharded over the contexts, its own
+lazy SGD step after the Trainer's): docs/partial_fc.md.
+
 Every `verbose` steps: 10-fold verification on the dataset's `.bin` targets, the `--ckpt` policy, and a
 resume snapshot. `--resume` restores parameters, optimizer state, step, schedule and data position; dropout
 masks are drawn from a generator reseeded from (seed, step) every step, so a resumed run repeats exactly
@@ -31,7 +34,6 @@ from recognition.data.bin import load_verification_set
 from recognition.data.shards import training_recs
 from recognition.groups import group_members, parse_group_values, resolve_group_spec, select_identities
 from recognition.locking import folder_lock
-from recognition.partial_fc import check_ratio
 from recognition.utils import UserError
 from recognition.training import kvstore as kvstore_setup
 from recognition.training.monitor import Monitor, get_logger
@@ -159,6 +161,7 @@ class TrainingSession:
         self.global_batch = self.batch_size * self.topology.num_workers
         self.seed = int(opts.seed)
         # --sample-ratio: Partial FC (recognition.partial_fc) takes fc7 over from the Trainer.
+        from recognition.partial_fc import check_ratio   # here: see the note on imports above
         self.sample_ratio = check_ratio(opts.sample_ratio) if opts.get('sample_ratio') is not None else None
         if self.sample_ratio is not None and self.topology.server_updates:
             raise UserError(f'--sample-ratio with --kvstore {self.topology.name}: Partial FC on the parameter '
@@ -225,7 +228,7 @@ class TrainingSession:
         self.params = {**self.net.collect_params(), **self.head.collect_params(),
                        **(self.tasks.collect_params() if self.tasks is not None else {})}
         self.trainable = {n: p for n, p in self.params.items() if p.grad_req != 'null'}
-        if not self.trainable and self.sample_ratio is None:   # with Partial FC, fc7 is not the Trainer's
+        if not self.trainable and self.sample_ratio is None:   # Partial FC updates fc7 without the Trainer
             raise UserError(f'--freeze-block {opts.freeze_block} trains only fc7, and --loss {opts.loss} has none '
                             f'(a pair-wise loss trains the embedding: use --freeze-block 0 or 2)')
         try:
@@ -266,9 +269,9 @@ class TrainingSession:
         from recognition.partial_fc import PartialFC
         opts = self.opts
         dist = self.topology.distributed
-        self.pfc = PartialFC(self.head, self.contexts, self.sample_ratio, self.seed, self.global_batch, opts.wd, opts.mom, log=self.log.info,
-                             kvstore=self.topology.kvstore if dist else None, rank=self.topology.rank,
-                             num_workers=self.topology.num_workers,
+        self.pfc = PartialFC(self.head, self.contexts, self.sample_ratio, self.seed, self.global_batch, opts.wd,
+                             opts.mom, log=self.log.info, kvstore=self.topology.kvstore if dist else None,
+                             rank=self.topology.rank, num_workers=self.topology.num_workers,
                              lr_scheduler=ServerSchedule(self.schedule) if dist else None, begin_step=self.step)
         if self._resume_extra:
             self.pfc.load(self._resume_extra)
