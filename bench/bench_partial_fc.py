@@ -145,7 +145,8 @@ def run_case(case):
         tic = time.perf_counter()
         step()
         times.append(time.perf_counter() - tic)
-    return {'step_s': statistics.median(times), 'fc7_bytes_per_context': fc7_bytes}
+    return {'step_s': statistics.median(times), 'step_min_s': min(times), 'step_max_s': max(times),
+            'fc7_bytes_per_context': fc7_bytes}
 
 
 def dist_worker(case, out):
@@ -204,7 +205,7 @@ def spawn(case):
 
 
 def table(results, ratio):
-    rows = ['| case | classes | contexts | fc7 | step s | step ratio full/sampled | peak RSS GB '
+    rows = ['| case | classes | contexts | fc7 | step s (min-max) | step ratio full/sampled (range) | peak RSS GB '
             '| fc7 bytes/context GB |', '|---|---|---|---|---|---|---|---|']
     for r in results:
         if r['kind'] == 'dist':
@@ -216,8 +217,10 @@ def table(results, ratio):
             continue
         full = next((f for f in results if f['kind'] == r['kind'] and f['classes'] == r['classes']
                      and f['contexts'] == r['contexts'] and f['ratio'] >= 1 and 'step_s' in f), None)
-        speed = f'{full["step_s"] / r["step_s"]:.1f}x' if full and r['ratio'] < 1 else ''
-        rows.append(f'| {r["kind"]} | {r["classes"]:,} | {r["contexts"]} | {what} | {r["step_s"]:.3f} | {speed} | '
+        speed = (f'{full["step_s"] / r["step_s"]:.1f}x ({full["step_min_s"] / r["step_max_s"]:.1f}-'
+                 f'{full["step_max_s"] / r["step_min_s"]:.1f})' if full and r['ratio'] < 1 else '')
+        spread = f'{r["step_s"]:.3f} ({r["step_min_s"]:.3f}-{r["step_max_s"]:.3f})'
+        rows.append(f'| {r["kind"]} | {r["classes"]:,} | {r["contexts"]} | {what} | {spread} | {speed} | '
                     f'{r["peak_rss_gb"]:.2f} | {r["fc7_bytes_per_context"] / 1e9:.3f} |')
     rows += ['', '| dist_sync head, 2 workers | classes | fc7 | MB per worker per step | ratio full/sampled | step s |',
              '|---|---|---|---|---|---|']
