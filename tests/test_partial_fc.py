@@ -250,6 +250,8 @@ def test_resume_with_sampling_is_bit_identical_and_checkpoint_is_insightface(dat
                                   ma['partial_fc:fc7_weight:momentum'].asnumpy())
     with pytest.raises(UserError, match=r'^--sample-ratio 1.5: must be in \(0, 1\]'):
         _session(data_dir, tmp_path / 'bad', sample_ratio=1.5)
+    with pytest.raises(UserError, match='does not combine with --label-smoothing'):
+        _session(data_dir, tmp_path / 'bad', sample_ratio=0.5, label_smoothing=0.1)
     with pytest.raises(UserError, match='resume needs the same --sample-ratio'):
         _session(data_dir, tmp_path / 'r', ctx='cpu:2', per_batch_size=8, resume=True)
 
