@@ -42,6 +42,8 @@ def _mean_spread(vals):
     ok = [v for v in vals if v is not None]
     if not ok:
         return 'n/a'
+    if len(vals) == 1:
+        return f'{ok[0]:.4f}'
     sd = float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0
     return f'{np.mean(ok):.4f} ± {sd:.4f}'
 
