@@ -21,5 +21,8 @@ else
 fi
 train_step step3 "$STEP3_RUN" "$FAIRFACE_DIR" "$FROM" --freeze-block "${STEP3_FREEZE:-2}" --selected-attributes "$SPEC" \
   --lr "${STEP3_LR:-0.01}" --max-steps "${STEP3_STEPS:-100}" --verbose "${STEP3_STEPS:-100}" "$@"
-evaluate_step step3 "$(cat "$MODELS_ROOT/$STEP3_RUN/latest")" "$MODELS_ROOT/$STEP3_RUN/protected_group.json"
+# Another STEP3_RUN (a recipe or a mitigation of the studies) is its own chain-table row, named by its run.
+STEP_NAME=step3
+[ "$STEP3_RUN" = fairface-step3 ] || STEP_NAME="$STEP3_RUN"
+evaluate_step "$STEP_NAME" "$(cat "$MODELS_ROOT/$STEP3_RUN/latest")" "$MODELS_ROOT/$STEP3_RUN/protected_group.json"
 install_model "$MODELS_ROOT/$STEP3_RUN" "${FINAL_NAME:-$(echo "$GROUP" | tr ' =,-' '____')_3_steps_finetune}"
