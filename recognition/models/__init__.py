@@ -6,7 +6,10 @@ file) to the family that builds it from the preset's keys.  Every network takes 
 ``prefix-symbol.json`` / ``prefix-NNNN.params`` pairs move between the two code bases.  Initialise with
 :func:`init_params`.
 """
+import json
+
 import mxnet as mx
+import numpy as np
 
 from recognition.config import network as NETWORK_PRESETS
 from recognition.config import network_settings
@@ -14,9 +17,12 @@ from recognition.utils import UserError
 from recognition.models.fresnet import FILTERS, UNITS, FResNet
 from recognition.models.layers import XAVIER, PReLU, native_prelu, walk_blocks
 from recognition.models.mobilefacenet import MobileFaceNet
+from recognition.models.resnest import UNITS as RESNEST_UNITS
+from recognition.models.resnest import ResNeSt
 
 __all__ = ['get_model', 'list_models', 'init_params', 'get_symbol', 'native_prelu', 'PReLU',
-           'FResNet', 'MobileFaceNet', 'FAMILIES', 'FRESNET_UNITS', 'walk_blocks']
+           'FResNet', 'MobileFaceNet', 'ResNeSt', 'FAMILIES', 'FRESNET_UNITS', 'walk_blocks', 'forward_flops',
+           'parameter_count']
 
 # Units per stage of each fresnet depth: insightface's, plus the demo network's 10 layers (one unit per stage).
 FRESNET_UNITS = {**UNITS, 10: [1, 1, 1, 1]}
@@ -37,8 +43,17 @@ def _fmobilefacenet(settings, **kwargs):
     return MobileFaceNet(emb_size=settings.emb_size, blocks=tuple(settings.net_blocks), **kwargs)
 
 
+def _resnest(settings, **kwargs):
+    """The FairFace seed's resnest.py (r50sa, r101sa): ``num_layers`` 50 or 101, ``net_dropblock`` the
+    DropBlock probability on the last two stages (0 off)."""
+    if settings.num_layers not in RESNEST_UNITS:
+        raise UserError('resnest: num_layers %r not one of %s' % (settings.num_layers, sorted(RESNEST_UNITS)))
+    return ResNeSt(settings.num_layers, emb_size=settings.emb_size, dropblock=settings.get('net_dropblock', 0.0),
+                   **kwargs)
+
+
 # insightface's net_name -> builder of that family from a network preset.
-FAMILIES = {'fresnet': _fresnet, 'fmobilefacenet': _fmobilefacenet}
+FAMILIES = {'fresnet': _fresnet, 'fmobilefacenet': _fmobilefacenet, 'resnest': _resnest}
 
 
 def list_models():
@@ -74,3 +89,26 @@ def get_symbol(net, native=True):
         return net(mx.sym.var('data'))
     with native_prelu(net):
         return net(mx.sym.var('data'))
+
+
+def parameter_count(sym, size=112):
+    """Learnable parameters of a network symbol on ``size`` x ``size`` input (BatchNorm statistics, which
+    are auxiliary states, not counted; the published ImageNet counts are made the same way)."""
+    arg_shapes, _, _ = sym.infer_shape(data=(1, 3, size, size))
+    return sum(int(np.prod(s)) for name, s in zip(sym.list_arguments(), arg_shapes) if name != 'data')
+
+
+def forward_flops(sym, size=112):
+    """Multiply-adds x 2 of the Convolution and FullyConnected layers for one ``size`` x ``size`` sample
+    (elementwise ops, pooling and BatchNorm not counted)."""
+    internals = sym.get_internals()
+    arg_shapes, out_shapes, _ = internals.infer_shape(data=(1, 3, size, size))
+    outputs = dict(zip(internals.list_outputs(), out_shapes))
+    args = dict(zip(internals.list_arguments(), arg_shapes))
+    nodes = json.loads(sym.tojson())['nodes']
+    total = 0
+    for node in nodes:
+        if node['op'] in ('Convolution', 'FullyConnected'):
+            weight = args[nodes[node['inputs'][1][0]]['name']]
+            total += 2 * int(np.prod(outputs[node['name'] + '_output'])) * int(np.prod(weight[1:]))
+    return total
