@@ -19,9 +19,12 @@ from recognition.models.layers import XAVIER, PReLU, native_prelu, walk_blocks
 from recognition.models.mobilefacenet import MobileFaceNet
 from recognition.models.resnest import UNITS as RESNEST_UNITS
 from recognition.models.resnest import ResNeSt
+from recognition.models.symbol import SymbolBackbone
+from recognition.checkpoint import parse_pretrained
+from recognition.inference import model_json_settings
 
 __all__ = ['get_model', 'list_models', 'init_params', 'get_symbol', 'native_prelu', 'PReLU',
-           'FResNet', 'MobileFaceNet', 'ResNeSt', 'FAMILIES', 'FRESNET_UNITS', 'walk_blocks', 'forward_flops',
+           'FResNet', 'MobileFaceNet', 'ResNeSt', 'SymbolBackbone', 'build_network', 'FAMILIES', 'FRESNET_UNITS', 'walk_blocks', 'forward_flops',
            'parameter_count']
 
 # Units per stage of each fresnet depth: insightface's, plus the demo network's 10 layers (one unit per stage).
@@ -52,8 +55,20 @@ def _resnest(settings, **kwargs):
                    **kwargs)
 
 
+def _symbol(settings, pretrained='', emb_layer='', bgr=None, input_scale='', input_size=112):
+    """Any MXNet checkpoint `pretrained` (`prefix,epoch`) cut at `emb_layer`; the layer, colour order and
+    input scaling not given come from a model.json beside it, else fc1_output, RGB, raw."""
+    if not pretrained:
+        raise UserError('--network symbol: give --pretrained PREFIX,EPOCH, the checkpoint whose graph it trains')
+    prefix, epoch = parse_pretrained(pretrained)
+    layer, found_bgr, found_scale = model_json_settings(prefix)
+    return SymbolBackbone(prefix, epoch, layer=emb_layer or layer,
+                          bgr=found_bgr if bgr is None else bgr, input_scale=input_scale or found_scale,
+                          input_size=input_size)
+
+
 # insightface's net_name -> builder of that family from a network preset.
-FAMILIES = {'fresnet': _fresnet, 'fmobilefacenet': _fmobilefacenet, 'resnest': _resnest}
+FAMILIES = {'fresnet': _fresnet, 'fmobilefacenet': _fmobilefacenet, 'resnest': _resnest, 'symbol': _symbol}
 
 
 def list_models():
@@ -70,6 +85,18 @@ def get_model(name, emb_size=None, **kwargs):
     if emb_size:
         settings.emb_size = emb_size
     return FAMILIES[settings.net_name](settings, **kwargs)
+
+
+def build_network(opts, input_size=112):
+    """The network of a training run's options: preset `opts.network` with `opts.emb_size` for
+    `input_size` x `input_size` input; a `symbol` network from `opts.pretrained` and its `emb_layer`,
+    `bgr`, `input_scale` options (its embedding size is its layer's)."""
+    settings = network_settings(opts.network)
+    if settings.net_name == 'symbol':
+        return get_model(opts.network, pretrained=opts.get('pretrained'), emb_layer=opts.get('emb_layer'),
+                         bgr=opts.get('bgr'), input_scale=opts.get('input_scale'), input_size=input_size)
+    size = {} if input_size == 112 else {'input_size': input_size}
+    return get_model(opts.network, emb_size=opts.emb_size, **size)
 
 
 def init_params(net, ctx=None, force_reinit=False):
