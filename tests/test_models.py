@@ -12,6 +12,8 @@ from recognition.models import (FAMILIES, FRESNET_UNITS, PReLU, ResNeSt, forward
 from recognition.models.resnest import DropBlock
 from recognition.utils import UserError
 
+# `symbol` is built from a checkpoint (tests/test_symbol_network.py); every other network from its preset alone.
+FROM_PRESET = [n for n in list_models() if network_presets[n].net_name != 'symbol']
 EMB = {'r18': 512, 'r34': 512, 'r50': 512, 'r100': 512, 'y1': 128, 'demo': 128, 'r50sa': 512, 'r101sa': 512}
 
 
@@ -53,7 +55,7 @@ def insightface_mobilefacenet_names(blocks=(1, 4, 6, 2)):
     return names + ['pre_fc1_weight', 'pre_fc1_bias', 'fc1_gamma', 'fc1_beta', 'fc1_moving_mean', 'fc1_moving_var']
 
 
-@pytest.mark.parametrize('name', list_models())
+@pytest.mark.parametrize('name', FROM_PRESET)
 def test_shapes_from_the_graph(name):
     """Every declared parameter shape equals what the graph infers for a 1x3x112x112 input."""
     net = get_model(name)
@@ -111,10 +113,13 @@ def fresnet_shape(params):
 
 
 def test_the_network_presets_are_the_registry():
-    assert list_models() == sorted(network_presets) == sorted(EXPECTED_SHAPES) == sorted(EMB)
+    assert list_models() == sorted(network_presets) == sorted(FROM_PRESET + ['symbol'])
+    assert FROM_PRESET == sorted(EXPECTED_SHAPES) == sorted(EMB)
+    with pytest.raises(UserError, match='--network symbol: give --pretrained'):
+        get_model('symbol')
 
 
-@pytest.mark.parametrize('name', sorted(network_presets))
+@pytest.mark.parametrize('name', FROM_PRESET)
 def test_every_network_preset_builds_its_parameters(name):
     """Each --network preset of recognition/config.py resolves in the model registry, with its own numbers."""
     settings = network_presets[name]

@@ -6,7 +6,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.inference import load_embedder
+from recognition.inference import load_embedder, model_spec
 from recognition.training import TrainingSession
 from recognition.utils import UserError
 from test_finetune import fairface, run_script   # noqa: F401  (fairface is a fixture)
@@ -140,6 +140,9 @@ def test_the_chain_finetunes_a_foreign_model_folder(fairface, tmp_path):
     save_foreign(str(folder / 'net'))
     (folder / 'model.json').write_text(json.dumps({'prefix': 'net', 'epoch': 3, 'layer': 'embedding_output',
                                                    'color': 'bgr', 'input_scale': 'normalized'}))
+    assert model_spec(f'{folder}/net,3') == dict(prefix=f'{folder}/net', epoch=3, layer='embedding_output', bgr=True,
+                                                 input_scale='normalized', name='net,3')
+    assert model_spec(f'{folder}/other,3')['layer'] == 'fc1_output'   # model.json names another checkpoint
     models = tmp_path / 'models'
     env = dict(os.environ, MODELS_ROOT=str(models), FAIRFACE_DIR=fairface, CTX='cpu:1', OMP_NUM_THREADS='1',
                STEP1_STEPS='2', NETWORK='symbol', PRETRAINED=f'{folder}/net,3')
