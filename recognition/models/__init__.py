@@ -118,18 +118,24 @@ def get_symbol(net, native=True):
         return net(mx.sym.var('data'))
 
 
+def _input_shape(size):
+    """``size`` (square side) or ``(height, width)`` as a one-sample NCHW shape."""
+    height, width = (size, size) if isinstance(size, int) else size
+    return (1, 3, height, width)
+
+
 def parameter_count(sym, size=112):
-    """Learnable parameters of a network symbol on ``size`` x ``size`` input (BatchNorm statistics, which
-    are auxiliary states, not counted; the published ImageNet counts are made the same way)."""
-    arg_shapes, _, _ = sym.infer_shape(data=(1, 3, size, size))
+    """Learnable parameters of a network symbol on ``size`` input (side or (height, width)); BatchNorm
+    statistics, which are auxiliary states, not counted, as in the published ImageNet counts."""
+    arg_shapes, _, _ = sym.infer_shape(data=_input_shape(size))
     return sum(int(np.prod(s)) for name, s in zip(sym.list_arguments(), arg_shapes) if name != 'data')
 
 
 def forward_flops(sym, size=112):
-    """Multiply-adds x 2 of the Convolution and FullyConnected layers for one ``size`` x ``size`` sample
-    (elementwise ops, pooling and BatchNorm not counted)."""
+    """Multiply-adds x 2 of the Convolution and FullyConnected layers for one sample of ``size`` (side or
+    (height, width)); elementwise ops, pooling and BatchNorm not counted."""
     internals = sym.get_internals()
-    arg_shapes, out_shapes, _ = internals.infer_shape(data=(1, 3, size, size))
+    arg_shapes, out_shapes, _ = internals.infer_shape(data=_input_shape(size))
     outputs = dict(zip(internals.list_outputs(), out_shapes))
     args = dict(zip(internals.list_arguments(), arg_shapes))
     nodes = json.loads(sym.tojson())['nodes']

@@ -339,7 +339,7 @@ class TrainingSession:
     def _build_model(self, net, head):
         mx = self.mx
         opts = self.opts
-        from recognition.models import build_network, init_params
+        from recognition.models import build_network, forward_flops, init_params, parameter_count
         if net is None:
             # Networks are built for the dataset's image size (112x112 unless its property says otherwise).
             net = build_network(opts, self.image_size[0])
@@ -361,6 +361,10 @@ class TrainingSession:
         # so that a pair-wise head sees one whole (anchor, positive, negative) triplet.
         x = mx.nd.zeros((3, 3) + self.image_size, ctx=self.contexts[0])
         head(net(x).as_in_context(head_ctx[0]), mx.nd.array([0, 0, 1], ctx=head_ctx[0]))
+        sym = checkpoint.embedding_symbol(net)
+        self.log.info('network %s: %s parameters, %.4g GFLOPs per %dx%d image', opts.network,
+                      f'{parameter_count(sym, self.image_size):,}', forward_flops(sym, self.image_size) / 1e9,
+                      *self.image_size)
         if opts.get('pretrained'):
             prefix, epoch = checkpoint.parse_pretrained(opts.pretrained)
             self.log.info('loading pretrained %s,%d', prefix, epoch)
