@@ -100,7 +100,8 @@ def test_finetune_a_plain_mxnet_model_and_deploy_it(data_dir, tmp_path):
 
 
 def test_freeze_block_by_layer_names(data_dir, tmp_path):
-    """--freeze-block 1 trains only fc7 (BN statistics kept); 2 with --freeze-until trains what follows."""
+    """--freeze-block 1 trains only fc7 (BN statistics kept; on two contexts through the device kvstore); 2 with
+    --freeze-until trains what follows."""
     prefix = str(tmp_path / 'net')
     save_foreign(prefix)
 
@@ -111,7 +112,7 @@ def test_freeze_block_by_layer_names(data_dir, tmp_path):
         sess.run()
         return {n for n, p in sess.params.items() if not np.array_equal(before[n], p.data().asnumpy())}
 
-    assert changed(freeze_block=1) == {'fc7_weight'}
+    assert changed(freeze_block=1, ctx='cpu:2', per_batch_size=4) == {'fc7_weight'}
     assert changed(freeze_block=2, freeze_until='features_act1_output') == {
         'fc7_weight', 'features_conv2_weight', 'features_conv2_bias', 'features_norm2_beta', 'features_norm2_moving_mean',
         'features_norm2_moving_var', 'embedding_weight', 'embedding_bias'}
