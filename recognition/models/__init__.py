@@ -4,15 +4,18 @@ The presets are the one list of networks; this module maps each preset's ``net_n
 file) to the family that builds it from the preset's keys.  Every network takes NCHW float32 RGB 0..255 input
 (normalised inside the graph) and returns the ``fc1`` embedding; parameter names are insightface's, so
 ``prefix-symbol.json`` / ``prefix-NNNN.params`` pairs move between the two code bases.  Initialise with
-:func:`init_params`.
+:func:`init_params`.  The ``symbol`` network is the exception that keeps the rule: any MXNet checkpoint's
+graph and names (``symbol.py``), converted from RGB 0..255 inside the graph, saved again with ``fc1_output``.
 """
 import json
 
 import mxnet as mx
 import numpy as np
 
+from recognition.checkpoint import parse_pretrained
 from recognition.config import network as NETWORK_PRESETS
 from recognition.config import network_settings
+from recognition.inference import model_json_settings
 from recognition.utils import UserError
 from recognition.models.fresnet import FILTERS, UNITS, FResNet
 from recognition.models.layers import XAVIER, PReLU, native_prelu, walk_blocks
@@ -20,12 +23,10 @@ from recognition.models.mobilefacenet import MobileFaceNet
 from recognition.models.resnest import UNITS as RESNEST_UNITS
 from recognition.models.resnest import ResNeSt
 from recognition.models.symbol import SymbolBackbone
-from recognition.checkpoint import parse_pretrained
-from recognition.inference import model_json_settings
 
-__all__ = ['get_model', 'list_models', 'init_params', 'get_symbol', 'native_prelu', 'PReLU',
-           'FResNet', 'MobileFaceNet', 'ResNeSt', 'SymbolBackbone', 'build_network', 'FAMILIES', 'FRESNET_UNITS', 'walk_blocks', 'forward_flops',
-           'parameter_count']
+__all__ = ['get_model', 'build_network', 'list_models', 'init_params', 'get_symbol', 'native_prelu', 'PReLU',
+           'FResNet', 'MobileFaceNet', 'ResNeSt', 'SymbolBackbone', 'FAMILIES', 'FRESNET_UNITS', 'walk_blocks',
+           'forward_flops', 'parameter_count']
 
 # Units per stage of each fresnet depth: insightface's, plus the demo network's 10 layers (one unit per stage).
 FRESNET_UNITS = {**UNITS, 10: [1, 1, 1, 1]}
