@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument('--freeze-block', type=int, default=0, choices=(0, 1, 2),
                    help='0 train all layers; 1 only fc7; 2 freeze up to bn1 (--network symbol: --freeze-until)')
     p.add_argument('--freeze-until', default='',
-                   help='--network symbol with --freeze-block 2: freeze every layer up to this one (default bn1_output)')
+                   help='--network symbol with --freeze-block 2: freeze every layer up to this one '
+                        '(default bn1_output)')
     p.add_argument('--emb-layer', default='',
                    help='--network symbol: the embedding layer to cut the --pretrained graph at (default: the '
                         "layer of a model.json beside it, else fc1_output)")
