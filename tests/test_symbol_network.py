@@ -11,6 +11,7 @@ from recognition.inference import load_embedder, model_spec
 from recognition.training import TrainingSession
 from recognition.utils import UserError
 from test_finetune import fairface, run_script   # noqa: F401  (fairface is a fixture)
+from test_config import train_parse_args
 from test_train import SIZE, build_dataset, make_opts
 
 EMB = 16
@@ -156,3 +157,20 @@ def test_the_chain_finetunes_a_foreign_model_folder(fairface, tmp_path):
     assert [r['step'] for r in rows] == ['pretrained', 'step1']
     step1 = open(str(models / 'fairface-step1' / 'latest')).read().strip()
     assert load_embedder(*step1.rsplit(',', 1)).forward(np.zeros((1, 3, 112, 112), np.float32)).shape == (1, EMB)
+
+
+def test_symbol_flags_are_checked_before_mxnet_loads(tmp_path, capsys):
+    """The symbol-only flags reach the options; used with a preset network, or `symbol` without a checkpoint,
+    they are a usage error naming the flag."""
+    data = ['--data-dir', str(tmp_path)]
+    opts = train_parse_args(['--network', 'symbol', '--pretrained', 'zoo/net,3', '--emb-layer', 'embedding_output',
+                             '--bgr', '--input-scale', 'normalized', '--freeze-until', 'features_act1_output'] + data)
+    assert (opts.emb_layer, opts.bgr, opts.input_scale, opts.freeze_until) == (
+        'embedding_output', True, 'normalized', 'features_act1_output')
+    assert 'bgr' not in train_parse_args(['--network', 'symbol', '--pretrained', 'zoo/net,3'] + data)
+    for argv, message in ((['--network', 'symbol'], 'give --pretrained PREFIX,EPOCH'),
+                          (['--network', 'r18', '--emb-layer', 'fc1_output'], '--emb-layer applies to --network symbol'),
+                          (['--network', 'r18', '--no-bgr'], '--bgr applies to --network symbol')):
+        with pytest.raises(SystemExit):
+            train_parse_args(argv + data)
+        assert message in capsys.readouterr().err
