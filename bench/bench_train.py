@@ -1,6 +1,7 @@
-"""Training speed on CPU: samples/s for r18, r50, y1 at 112x112 (issue 3's benchmark).
+"""Training speed on CPU: samples/s for r18, r50, y1 (or any --network preset: r50sa, r101sa) at 112x112
+(issue 3's benchmark; issue 16 added the ResNeSt nets and the parameter count).
 
-    OMP_NUM_THREADS=2 python bench/bench_train.py [--nets r18,r50,y1] [--batch 8] [--iters 2]
+    OMP_NUM_THREADS=2 python bench/bench_train.py [--nets r18,r50,y1,r50sa] [--batch 8] [--iters 2]
 
 For each network, one ArcFace training step (forward, backward, SGD update) timed in four set-ups, side by
 side in one run: Gluon hybridised on 1 context, Gluon on 2 CPU contexts (same global batch), Gluon not
@@ -9,7 +10,6 @@ hybridised, and the same network exported (`training_symbol`, insightface's grap
 machine's SGEMM GFLOP/s (`mx.nd.dot` on 2048x2048 float32), the practical ceiling.
 """
 import argparse
-import json
 import time
 
 import mxnet as mx
@@ -17,7 +17,7 @@ import numpy as np
 
 from recognition.checkpoint import embedding_symbol, training_symbol
 from recognition.losses import build_head
-from recognition.models import get_model, init_params
+from recognition.models import forward_flops, get_model, init_params, parameter_count
 
 CLASSES = 1000
 
@@ -39,21 +39,6 @@ def seconds_per_call(step, iters):
     for _ in range(iters):
         step()
     return (time.time() - tic) / iters
-
-
-def forward_flops(sym, size=112):
-    """Multiply-adds x 2 of Convolution and FullyConnected layers for one sample."""
-    internals = sym.get_internals()
-    arg_shapes, out_shapes, _ = internals.infer_shape(data=(1, 3, size, size))
-    outputs = dict(zip(internals.list_outputs(), out_shapes))
-    args = dict(zip(internals.list_arguments(), arg_shapes))
-    nodes = json.loads(sym.tojson())['nodes']
-    total = 0
-    for node in nodes:
-        if node['op'] in ('Convolution', 'FullyConnected'):
-            weight = args[nodes[node['inputs'][1][0]]['name']]
-            total += 2 * int(np.prod(outputs[node['name'] + '_output'])) * int(np.prod(weight[1:]))
-    return total
 
 
 def build(name, ctxs, hybridize=True):
@@ -119,19 +104,20 @@ def main():
     args = p.parse_args()
     peak = sgemm_gflops()
     print(f'SGEMM (mx.nd.dot 2048x2048 float32): {peak:.1f} GFLOP/s')
-    print('| network | GFLOPs fwd | Gluon 1 ctx | Gluon 2 ctx | not hybridised | Module (exported) | '
+    print('| network | M params | GFLOPs fwd | Gluon 1 ctx | Gluon 2 ctx | not hybridised | Module (exported) | '
           'Gluon/Module | train GFLOP/s | % of SGEMM |')
-    print('|---|---|---|---|---|---|---|---|---|')
+    print('|---|---|---|---|---|---|---|---|---|---|')
     for name in args.nets.split(','):
         net = init_params(get_model(name))
-        flops = forward_flops(embedding_symbol(net))
+        sym = embedding_symbol(net)
+        flops, params = forward_flops(sym), parameter_count(sym)
         t1 = gluon_step_time(name, args.batch, args.iters, 1)
         t2 = gluon_step_time(name, args.batch, args.iters, 2)
         tn = gluon_step_time(name, args.batch, args.iters, 1, hybridize=False)
         tm = module_step_time(name, args.batch, args.iters)
         sps = [args.batch / t for t in (t1, t2, tn, tm)]
         achieved = 3 * flops * sps[0] / 1e9
-        print(f'| {name} | {flops / 1e9:.2f} | {sps[0]:.2f} | {sps[1]:.2f} | {sps[2]:.2f} | {sps[3]:.2f} | '
+        print(f'| {name} | {params / 1e6:.2f} | {flops / 1e9:.2f} | {sps[0]:.2f} | {sps[1]:.2f} | {sps[2]:.2f} | {sps[3]:.2f} | '
               f'{sps[0] / sps[3]:.2f} | {achieved:.1f} | {100 * achieved / peak:.0f}% |', flush=True)
 
 

@@ -62,6 +62,23 @@ network.y1.net_name = 'fmobilefacenet'
 network.y1.emb_size = 128
 network.y1.net_blocks = [1, 4, 6, 2]
 
+# The FairFace seed's ResNeSt networks (symbol/resnest.py, bottleneck '2s1x64d': radix 2, cardinality 1, width
+# 64; deep stem, avg-down) with the "E" head, and its DropBlock 0.1 on the last two stages.
+network.r50sa = edict()
+network.r50sa.net_name = 'resnest'
+network.r50sa.num_layers = 50
+network.r50sa.net_dropblock = 0.1
+
+network.r101sa = edict()
+network.r101sa.net_name = 'resnest'
+network.r101sa.num_layers = 101
+network.r101sa.net_dropblock = 0.1
+
+# Any MXNet checkpoint as the network (recognition/models/symbol.py): `--pretrained PREFIX,EPOCH` is its graph
+# and weights, cut at `--emb-layer` (default fc1_output); its embedding size is that layer's.
+network.symbol = edict()
+network.symbol.net_name = 'symbol'
+
 # The demo-size LResNet-IR for CPU demos on the synthetic sets: one unit per stage (10 layers) at a quarter of
 # r18's width, and insightface's 7x7/2 stem (net_input=0) so no layer runs at 112x112, which makes a train
 # step ~8x faster on CPU. Not a model for real data: use r50 / r100 there.

@@ -246,15 +246,28 @@ def model_dir_spec(path):
                 name=os.path.basename(os.path.normpath(path)))
 
 
+def model_json_settings(prefix):
+    """(layer, bgr, input_scale) from the `model.json` beside checkpoint `prefix` when it names that prefix
+    (a model folder's checkpoint given as `prefix,epoch`), else fc1_output, RGB, raw."""
+    folder = os.path.dirname(os.path.abspath(prefix))
+    if os.path.isfile(os.path.join(folder, 'model.json')):
+        meta = read_model_json(folder)
+        if meta['prefix'] == os.path.basename(prefix):
+            return meta['layer'], meta['color'] == 'bgr', meta['input_scale']
+    return 'fc1_output', False, 'raw'
+
+
 def model_spec(ref):
-    """`load_embedder`'s model arguments for a model folder or one `prefix,epoch` (fc1_output, RGB, raw)."""
+    """`load_embedder`'s model arguments for a model folder or one `prefix,epoch` (its folder's model.json
+    when that names the prefix, else fc1_output, RGB, raw)."""
     from recognition.checkpoint import parse_pretrained
     if os.path.isdir(ref):
         return model_dir_spec(ref)
     prefix, epochs = parse_pretrained(ref, '--model', several=True)
     if len(epochs) != 1:
         raise UserError(f'--model {ref!r}: give one epoch')
-    return dict(prefix=prefix, epoch=epochs[0], layer='fc1_output', bgr=False, input_scale='raw',
+    layer, bgr, input_scale = model_json_settings(prefix)
+    return dict(prefix=prefix, epoch=epochs[0], layer=layer, bgr=bgr, input_scale=input_scale,
                 name=f'{os.path.basename(prefix)},{epochs[0]}')
 
 

@@ -7,11 +7,14 @@ import pytest
 from mxnet import autograd
 
 from recognition.config import network as network_presets
-from recognition.models import (FAMILIES, FRESNET_UNITS, PReLU, get_model, get_symbol, init_params, list_models,
-                                native_prelu, walk_blocks)
+from recognition.models import (FAMILIES, FRESNET_UNITS, PReLU, ResNeSt, forward_flops, get_model, get_symbol,
+                                init_params, list_models, native_prelu, parameter_count, walk_blocks)
+from recognition.models.resnest import DropBlock
 from recognition.utils import UserError
 
-EMB = {'r18': 512, 'r34': 512, 'r50': 512, 'r100': 512, 'y1': 128, 'demo': 128}
+# `symbol` is built from a checkpoint (tests/test_symbol_network.py); every other network from its preset alone.
+FROM_PRESET = [n for n in list_models() if network_presets[n].net_name != 'symbol']
+EMB = {'r18': 512, 'r34': 512, 'r50': 512, 'r100': 512, 'y1': 128, 'demo': 128, 'r50sa': 512, 'r101sa': 512}
 
 
 def insightface_fresnet_names(units):
@@ -52,7 +55,7 @@ def insightface_mobilefacenet_names(blocks=(1, 4, 6, 2)):
     return names + ['pre_fc1_weight', 'pre_fc1_bias', 'fc1_gamma', 'fc1_beta', 'fc1_moving_mean', 'fc1_moving_var']
 
 
-@pytest.mark.parametrize('name', list_models())
+@pytest.mark.parametrize('name', FROM_PRESET)
 def test_shapes_from_the_graph(name):
     """Every declared parameter shape equals what the graph infers for a 1x3x112x112 input."""
     net = get_model(name)
@@ -96,6 +99,8 @@ EXPECTED_SHAPES = {
     'r100': dict(units=[3, 13, 30, 3], widths=[64, 64, 128, 256, 512], stem=3),
     'demo': dict(units=[1, 1, 1, 1], widths=[16, 16, 32, 64, 128], stem=7),
     'y1': dict(blocks=[4, 6, 2]),
+    'r50sa': dict(units=[3, 4, 6, 3], stem=32, dropblock=0.1),
+    'r101sa': dict(units=[3, 4, 23, 3], stem=64, dropblock=0.1),
 }
 
 
@@ -108,10 +113,13 @@ def fresnet_shape(params):
 
 
 def test_the_network_presets_are_the_registry():
-    assert list_models() == sorted(network_presets) == sorted(EXPECTED_SHAPES) == sorted(EMB)
+    assert list_models() == sorted(network_presets) == sorted(FROM_PRESET + ['symbol'])
+    assert FROM_PRESET == sorted(EXPECTED_SHAPES) == sorted(EMB)
+    with pytest.raises(UserError, match='--network symbol: give --pretrained'):
+        get_model('symbol')
 
 
-@pytest.mark.parametrize('name', sorted(network_presets))
+@pytest.mark.parametrize('name', FROM_PRESET)
 def test_every_network_preset_builds_its_parameters(name):
     """Each --network preset of recognition/config.py resolves in the model registry, with its own numbers."""
     settings = network_presets[name]
@@ -122,6 +130,13 @@ def test_every_network_preset_builds_its_parameters(name):
         shape = fresnet_shape(params)
         assert shape == EXPECTED_SHAPES[name] and shape['units'] == FRESNET_UNITS[settings.num_layers]
         assert shape['stem'] == (7 if settings.get('net_input', 1) == 0 else 3)
+    elif settings.net_name == 'resnest':
+        net = get_model(name)
+        units = [len({k.split('_')[1] for k in params if k.startswith('stage%d_' % i)}) for i in range(1, 5)]
+        drops = [b._gamma * 9 for b in walk_blocks(net) if isinstance(b, DropBlock)]
+        assert units == EXPECTED_SHAPES[name]['units'] and params['conv0_weight'].shape[0] == EXPECTED_SHAPES[name]['stem']
+        assert len(drops) == 3 * sum(units[2:]) and np.allclose(drops, EXPECTED_SHAPES[name]['dropblock'])
+        assert params['pre_fc1_weight'].shape == (EMB[name], 2048 * 7 * 7)   # the "E" head on 7x7x2048
     else:
         blocks = [len({k.split('_')[2] for k in params if k.startswith('res_%d_block' % stage)})
                   for stage in (3, 4, 5)]
@@ -208,3 +223,53 @@ def test_walk_blocks_reaches_every_nested_block():
     with outer.name_scope():
         outer.add(mx.gluon.nn.Dense(3), inner, PReLU('outer_relu', 3))
     assert list(walk_blocks(outer)) == [outer, outer[0], inner, inner[0], inner[1], outer[2]]   # depth first
+
+
+# ResNeSt's published ImageNet models (Zhang et al. 2020, table 3): parameters and GFLOPs (multiply-adds) at 224.
+PUBLISHED_RESNEST = {50: (27.5e6, 5.39e9), 101: (48.3e6, 10.2e9)}
+
+
+@pytest.mark.parametrize('depth', [50, 101])
+def test_resnest_body_is_the_published_one(depth):
+    """The r50sa / r101sa body with ResNeSt's ImageNet stem and 1000-way classifier has the published size."""
+    sym = ResNeSt(depth, classes=1000, input_size=224)(mx.sym.var('data'))
+    params, macs = parameter_count(sym, 224), forward_flops(sym, 224) / 2
+    print(f'ResNeSt-{depth} ImageNet: {params / 1e6:.2f} M parameters, {macs / 1e9:.2f} GFLOPs (multiply-adds) at 224')
+    published_params, published_macs = PUBLISHED_RESNEST[depth]
+    assert abs(params - published_params) < 0.005 * published_params
+    assert abs(macs - published_macs) < 0.02 * published_macs
+    face = get_symbol(get_model('r%dsa' % depth))
+    print(f'r{depth}sa: {parameter_count(face) / 1e6:.2f} M parameters, {forward_flops(face) / 1e9:.2f} GFLOPs at 112')
+    # The face network: the same body without the classifier, plus the "E" head (bn1, pre_fc1, fc1).
+    head = 2048 * 2 + 2048 * 49 * 512 + 512 + 512 * 2
+    assert parameter_count(face) == params - (2048 * 1000 + 1000) + head
+
+
+def test_resnest_trains_and_dropblock_is_seeded():
+    """One r50sa training step (on 56x56 to stay fast) gives finite gradients everywhere; DropBlock drops
+    only in training, the same blocks for the same seed, and keeps the mean through its rescaling."""
+    net = init_params(get_model('r50sa', emb_size=32, input_size=56))
+    net.hybridize()
+    x = mx.nd.random.uniform(0, 255, shape=(2, 3, 56, 56))
+    with autograd.record():
+        y = net(x)
+    y.backward()
+    assert y.shape == (2, 32)
+    grads = [p.grad().asnumpy() for p in net.collect_params().values() if p.grad_req != 'null']
+    assert all(np.isfinite(g).all() for g in grads) and np.abs(grads[0]).sum() > 0
+    np.testing.assert_array_equal(net(x).asnumpy(), net(x).asnumpy())   # inference: no draw
+
+    block = DropBlock('drop', 0.3)
+    block.hybridize()
+    ones = mx.nd.ones((4, 8, 14, 14))
+
+    def draw(seed):
+        mx.random.seed(seed)
+        with autograd.train_mode():
+            return block(ones).asnumpy()
+
+    a, b, c = draw(1), draw(1), draw(2)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any() and 0.15 < (a == 0).mean() < 0.45
+    np.testing.assert_allclose(a.mean(), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(block(ones).asnumpy(), ones.asnumpy())

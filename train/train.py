@@ -32,7 +32,19 @@ def parse_args(argv=None):
     p.add_argument('--run-name', default='', help='run folder name (default <network>-<loss>-<dataset>)')
     p.add_argument('--pretrained', default=default.pretrained, help='prefix,epoch of a checkpoint to start from')
     p.add_argument('--freeze-block', type=int, default=0, choices=(0, 1, 2),
-                   help='0 train all layers; 1 only fc7; 2 freeze up to bn1')
+                   help='0 train all layers; 1 only fc7; 2 freeze up to bn1 (--network symbol: --freeze-until)')
+    p.add_argument('--freeze-until', default='',
+                   help='--network symbol with --freeze-block 2: freeze every layer up to this one '
+                        '(default bn1_output)')
+    p.add_argument('--emb-layer', default='',
+                   help='--network symbol: the embedding layer to cut the --pretrained graph at (default: the '
+                        "layer of a model.json beside it, else fc1_output)")
+    p.add_argument('--bgr', action=argparse.BooleanOptionalAction, default=None,
+                   help='--network symbol: the --pretrained model was trained on BGR (default: its model.json)')
+    p.add_argument('--input-scale', default=None,
+                   help='--network symbol: the input scaling the --pretrained model was trained with, as a '
+                        "model.json's input_scale: raw (0..255), normalized or unit (default: its model.json, else "
+                        'raw); the conversion is saved in the graph, which then takes RGB 0..255')
     p.add_argument('--selected-attributes', default='',
                    help='train only on one protected group: dark_female, gender=0,skin_colour=1, the seed index '
                         'gender*2+skin_colour (0..3), or auto[:file] = the choice of '
@@ -139,6 +151,12 @@ def parse_args(argv=None):
             opts[k] = v
     opts.dataset_path = args.data_dir
     opts.val_targets = [t for t in args.val_targets.split(',') if t.strip()]
+    if config.net_name == 'symbol' and not args.pretrained:
+        p.error('--network symbol builds the network from a checkpoint: give --pretrained PREFIX,EPOCH')
+    symbol_only = [f for f, v in (('--emb-layer', args.emb_layer), ('--freeze-until', args.freeze_until),
+                                  ('--bgr', args.bgr is not None), ('--input-scale', args.input_scale)) if v]
+    if symbol_only and config.net_name != 'symbol':
+        p.error(f'{symbol_only[0]} applies to --network symbol only, not {known.network}')
     if args.easy_margin and 'easy_margin' not in config:
         p.error(f'--easy-margin applies to --loss arcface only, not {known.loss}')
     if args.fpr_penalty < 0 or not 0 <= args.fpr_target < 1:

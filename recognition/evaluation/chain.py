@@ -71,19 +71,18 @@ def val_files(val_dir):
 
 
 def evaluate_checkpoint(model, val_dir, out_dir, aligned_dir=None, ctx=None, batch_size=64):
-    """Score `model` (`prefix,epoch`) on the validation pairs (align, flip TTA, cosine) and measure them.
+    """Score `model` (`prefix,epoch`; layer and input from a model.json beside it that names it, as for any
+    `--model`) on the validation pairs (align, flip TTA, cosine) and measure them.
 
     Writes `out_dir/predictions.csv` and `out_dir/eval.json`; returns the evaluation result dict.
     Aligned crops go to `aligned_dir` (default `out_dir/aligned`) and are reused when present.
     """
     # here: the study and the table tools read chain tables without a model; these load mxnet (~2 s)
     from recognition.alignment.folder import align_folder
-    from recognition.checkpoint import parse_pretrained
     from recognition.evaluation.predictions import predict
-    from recognition.inference import load_embedder, template_images
+    from recognition.inference import load_embedder, model_spec, template_images
     files = val_files(val_dir)
-    prefix, epoch = parse_pretrained(model)
-    embedder = load_embedder(prefix, epoch, ctx=ctx, batch_size=batch_size)
+    embedder = load_embedder(**model_spec(model), ctx=ctx, batch_size=batch_size)
     os.makedirs(out_dir, exist_ok=True)
     aligned_dir = aligned_dir or os.path.join(out_dir, 'aligned')
     align_folder(files['images'], aligned_dir, image_size=112, landmarks=files['landmarks'], skip_existing=True)

@@ -58,9 +58,10 @@ def wd_multiplier(name):
     return 1.0 if name.endswith(('_weight', '_gamma')) else 0.0
 
 
-def freeze(net, block):
+def freeze(net, block, until=''):
     """`--freeze-block`: 0 trains everything; 1 freezes the whole embedding network (only the head
-    trains); 2 freezes everything up to `bn1` (the output block `pre_fc1`/`fc1` and the head train).
+    trains); 2 freezes everything up to `bn1` (the output block `pre_fc1`/`fc1` and the head train), or, on a
+    `--network symbol` graph, up to the layer `until` (`--freeze-until`, default `bn1_output`).
 
     Frozen parameters get no gradient, and BatchNorm layers whose parameters are all frozen normalise with
     their running statistics and stop updating them. Returns the names of the frozen parameters.
@@ -71,7 +72,11 @@ def freeze(net, block):
         raise UserError(f'--freeze-block {block}: choose 0 (all layers), 1 (only fc7) or 2 (up to bn1)')
     from recognition.models import walk_blocks   # here: see the note on imports above
     params = net.collect_params()
-    frozen = [n for n in params if block == 1 or not n.startswith(('pre_fc1', 'fc1_'))]
+    if hasattr(net, 'params_up_to'):   # a checkpoint's graph: freezing is by layer name
+        frozen = list(params) if block == 1 else net.params_up_to(until or 'bn1_output')
+        net.freeze_statistics(frozen)
+    else:
+        frozen = [n for n in params if block == 1 or not n.startswith(('pre_fc1', 'fc1_'))]
     for name in frozen:
         params[name].grad_req = 'null'
     frozen_set = set(frozen)
@@ -221,7 +226,7 @@ class TrainingSession:
         np.random.seed(self.seed)
         self._setup_precision()
         self.net, self.head = self._build_model(net, head)
-        self.frozen = freeze(self.net, int(opts.get('freeze_block', 0) or 0))
+        self.frozen = freeze(self.net, int(opts.get('freeze_block', 0) or 0), opts.get('freeze_until', ''))
         if self.frozen:
             self.log.info('freeze-block %d: %d parameters frozen', opts.freeze_block, len(self.frozen))
         self.tasks = self._build_tasks()
@@ -334,16 +339,17 @@ class TrainingSession:
     def _build_model(self, net, head):
         mx = self.mx
         opts = self.opts
-        from recognition.models import get_model, init_params
+        from recognition.models import build_network, forward_flops, init_params, parameter_count
         if net is None:
-            # Networks are built for 112x112 unless the dataset's property says otherwise.
-            size = {} if self.image_size == (112, 112) else {'input_size': self.image_size[0]}
-            net = get_model(opts.network, emb_size=opts.emb_size, **size)
+            # Networks are built for the dataset's image size (112x112 unless its property says otherwise).
+            net = build_network(opts, self.image_size[0])
+        # A `--network symbol` embedding has its layer's width.
+        emb_size = getattr(net, 'emb_size', None) or opts.emb_size
         if head is None and opts.get('group_margin'):
-            head = self._group_margin_head()
+            head = self._group_margin_head(emb_size)
         if head is None:
             from recognition.losses import build_head
-            head = build_head(opts.loss, self.num_classes, opts.emb_size, fc7_lr_mult=opts.fc7_lr_mult,
+            head = build_head(opts.loss, self.num_classes, emb_size, fc7_lr_mult=opts.fc7_lr_mult,
                               fc7_wd_mult=opts.fc7_wd_mult, **head_kwargs(opts))
         if self.fpr_weight and not hasattr(head, 'cosine'):
             raise UserError(f'--fpr-penalty needs a head with fc7 cosines, not {type(head).__name__}')
@@ -355,6 +361,10 @@ class TrainingSession:
         # so that a pair-wise head sees one whole (anchor, positive, negative) triplet.
         x = mx.nd.zeros((3, 3) + self.image_size, ctx=self.contexts[0])
         head(net(x).as_in_context(head_ctx[0]), mx.nd.array([0, 0, 1], ctx=head_ctx[0]))
+        sym = checkpoint.embedding_symbol(net)
+        self.log.info('network %s: %s parameters, %.4g GFLOPs per %dx%d image', opts.network,
+                      f'{parameter_count(sym, self.image_size):,}', forward_flops(sym, self.image_size) / 1e9,
+                      *self.image_size)
         if opts.get('pretrained'):
             prefix, epoch = checkpoint.parse_pretrained(opts.pretrained)
             self.log.info('loading pretrained %s,%d', prefix, epoch)
@@ -368,7 +378,7 @@ class TrainingSession:
         head.hybridize(static_alloc=True, static_shape=True)
         return net, head
 
-    def _group_margin_head(self):
+    def _group_margin_head(self, emb_size):
         """`--group-margin GROUP=M2,...`: the preset's margin head with m2 per identity by its protected group."""
         from recognition.losses import build_group_margin_head
         opts = self.opts
@@ -381,7 +391,7 @@ class TrainingSession:
             raise UserError(f'{self.dataset.rec_paths[0]}: {where}: no identity in group {", ".join(empty)} '
                             f'(identities per group: {counts})')
         identity_m2 = {i: m2 for g, m2 in margins.items() for i in members[g]}
-        head = build_group_margin_head(opts.loss, self.num_classes, opts.emb_size, identity_m2,
+        head = build_group_margin_head(opts.loss, self.num_classes, emb_size, identity_m2,
                                        fc7_lr_mult=opts.fc7_lr_mult, fc7_wd_mult=opts.fc7_wd_mult,
                                        **head_kwargs(opts))
         self.log.info('%s: m2 per %s group %s (identities per group: %s); other identities m2 %g', where, attribute,
