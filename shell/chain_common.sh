@@ -11,6 +11,7 @@ NETWORK="${NETWORK:-demo}"
 LOSS="${LOSS:-${DEMO_LOSS:-nsoftmax}}"
 DATASET="${DATASET:-demo_fairface}"
 CTX="${CTX:-${DEMO_CTX:-cpu:1}}"
+BACKEND="${BACKEND:-mxnet}"   # the evaluations' inference backend: mxnet or onnxruntime (README)
 SEED="${SEED:-0}"   # every step's --seed: training draws and the chain table's bootstrap resamples
 PRETRAINED_RUN="${PRETRAINED_RUN:-$MODELS_ROOT/$NETWORK-$LOSS-demo}"
 STEP1_RUN="${STEP1_RUN:-fairface-step1}"
@@ -53,7 +54,7 @@ train_step() {
 # the protected-group choice (OUT_JSON) that step 3 reads.
 evaluate_step() {
   python train/select_protected_group.py --model "$2" --val-dir "$VAL_DIR" --out "$3" \
-    --aligned-dir "$MODELS_ROOT/val_aligned" --table "$CHAIN_TABLE" --step "$1" --ctx "$CTX" --seed "$SEED"
+    --aligned-dir "$MODELS_ROOT/val_aligned" --table "$CHAIN_TABLE" --step "$1" --ctx "$CTX" --seed "$SEED" --backend "$BACKEND"
 }
 
 # install_model RUN_DIR NAME: RUN_DIR's latest checkpoint as the model folder FINAL_DIR/NAME, swapped in whole.

@@ -13,7 +13,7 @@ if [ -n "${SELECTED:-}" ]; then
 else
   if [ ! "$CHOICE" -nt "$MODELS_ROOT/$STEP2_RUN/latest" ]; then
     python train/select_protected_group.py --model "$FROM" --val-dir "$VAL_DIR" --out "$CHOICE" \
-      --aligned-dir "$MODELS_ROOT/val_aligned" --ctx "$CTX"
+      --aligned-dir "$MODELS_ROOT/val_aligned" --ctx "$CTX" --backend "$BACKEND"
   fi
   GROUP="$(python -c 'import sys; from recognition.groups import read_group_choice as r; print(r(sys.argv[1]))' "$CHOICE")"
   SPEC="auto:$CHOICE"

@@ -14,8 +14,8 @@ import os
 from recognition.alignment.folder import align_folder
 from recognition.detection.choice import add_detector_args, detectors_from_args
 from recognition.evaluation.attributes import attribute_heads, evaluate_attributes, metadata_codes
-from recognition.inference import load_embedder, model_spec, template_images
-from recognition.utils import UserError, add_device_args, parse_contexts, run_cli
+from recognition.inference import add_backend_arg, backend_devices, load_embedder, model_spec, template_images
+from recognition.utils import UserError, add_device_args, run_cli
 
 
 def parse_args(argv=None):
@@ -33,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument('--workers', type=int, default=1, help='alignment worker processes')
     add_detector_args(p)
     add_device_args(p)
+    add_backend_arg(p)
     return p.parse_args(argv)
 
 
@@ -59,7 +60,8 @@ def main(argv=None):
         raise UserError(f'{args.metadata}: {len(missing)} TEMPLATE_IDs without an image in {image_dir}: '
                         f'{", ".join(missing[:5])}{" ..." if len(missing) > 5 else ""}')
     embedder = load_embedder(**{**spec, 'layer': [layer for layer, _ in heads.values()]},
-                             ctx=parse_contexts(args.gpus, args.ctx), batch_size=args.batch_size)
+                             ctx=backend_devices(args.backend, args.gpus, args.ctx), batch_size=args.batch_size,
+                             backend=args.backend)
     summary = evaluate_attributes(embedder, heads, ids, [images[t] for t in ids], codes, args.out,
                                   batch_size=args.batch_size, flip=not args.no_flip, metadata=args.metadata,
                                   image_size=args.image_size, progress=True)

@@ -11,8 +11,9 @@ import numpy as np
 
 from recognition.checkpoint import parse_pretrained
 from recognition.data.lst import list_images
-from recognition.inference import INPUT_SCALES, extract_features, load_embedder, load_models
-from recognition.utils import UserError, add_device_args, atomic_open, atomic_path, parse_contexts, run_cli
+from recognition.inference import (INPUT_SCALES, add_backend_arg, backend_devices, extract_features, load_embedder,
+                                   load_models)
+from recognition.utils import UserError, add_device_args, atomic_open, atomic_path, run_cli
 
 
 def image_paths(args):
@@ -42,18 +43,20 @@ def parse_args(argv=None):
     p.add_argument('--image-size', type=int, default=112)
     p.add_argument('--no-flip', action='store_true')
     add_device_args(p)
+    add_backend_arg(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = parse_contexts(args.gpus, args.ctx)
-    embedders = load_models(args.models, ctx=ctx, batch_size=args.batch_size) if args.models else []
+    ctx = backend_devices(args.backend, args.gpus, args.ctx)
+    embedders = (load_models(args.models, ctx=ctx, batch_size=args.batch_size, backend=args.backend)
+                 if args.models else [])
     for ref in args.model:
         prefix, epochs = parse_pretrained(ref, '--model', several=True)
         embedders += [load_embedder(prefix, e, layer=args.layer, ctx=ctx, bgr=args.bgr,
                                     input_scale=args.input_scale, batch_size=args.batch_size,
-                                    name=f'{os.path.basename(prefix)}-{e:04d}') for e in epochs]
+                                    name=f'{os.path.basename(prefix)}-{e:04d}', backend=args.backend) for e in epochs]
     if not embedders:
         raise UserError('no model: pass --models and/or --model')
     names = [e.name for e in embedders]

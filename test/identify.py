@@ -11,8 +11,8 @@ import os
 
 from recognition.data.lst import dir_to_lst
 from recognition.evaluation.identification import FUSIONS, identify
-from recognition.inference import extract_features, load_models
-from recognition.utils import add_device_args, atomic_open, parse_contexts, run_cli
+from recognition.inference import add_backend_arg, backend_devices, extract_features, load_models
+from recognition.utils import add_device_args, atomic_open, run_cli
 
 
 def labelled_images(folder):
@@ -34,13 +34,14 @@ def parse_args(argv=None):
     p.add_argument('--no-mean', action='store_true', help='do not subtract the gallery mean embedding')
     p.add_argument('--no-flip', action='store_true')
     add_device_args(p)
+    add_backend_arg(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ctx = parse_contexts(args.gpus, args.ctx)
-    embedders = load_models(args.models, ctx=ctx, batch_size=args.batch_size)
+    ctx = backend_devices(args.backend, args.gpus, args.ctx)
+    embedders = load_models(args.models, ctx=ctx, batch_size=args.batch_size, backend=args.backend)
     g_paths, g_labels = labelled_images(args.gallery)
     p_paths, p_labels = labelled_images(args.probes)
     embed = lambda paths: extract_features(embedders, paths, args.batch_size, flip=not args.no_flip, progress=True)

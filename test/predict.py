@@ -17,8 +17,9 @@ from recognition.evaluation.fairness import FMR_TARGET
 from recognition.evaluation.pairs_csv import read_pairs_csv
 from recognition.evaluation.posthoc import PosthocStep
 from recognition.evaluation.predictions import calibration_state_path, predict, provenance_path
-from recognition.inference import find_model_dirs, load_model_dir, model_dir_spec, template_images
-from recognition.utils import UserError, parse_contexts, run_cli, write_json
+from recognition.inference import (add_backend_arg, backend_devices, find_model_dirs, load_model_dir, model_dir_spec,
+                                   template_images)
+from recognition.utils import UserError, run_cli, write_json
 
 
 def parse_args(argv=None):
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     add_detector_args(p)
     p.add_argument('--gpus', default='')
     p.add_argument('--ctx', default='')
+    add_backend_arg(p)
     return p.parse_args(argv)
 
 
@@ -163,8 +165,8 @@ def provenance(args, model_dirs, switch_model, summary, posthoc=None):
 def main(argv=None):
     args = parse_args(argv)
     model_dirs = find_model_dirs(args.models)
-    ctx = parse_contexts(args.gpus, args.ctx)
-    embedders = [load_model_dir(d, ctx=ctx, batch_size=args.batch_size) for d in model_dirs]
+    ctx = backend_devices(args.backend, args.gpus, args.ctx)
+    embedders = [load_model_dir(d, ctx=ctx, batch_size=args.batch_size, backend=args.backend) for d in model_dirs]
     names = [e.name for e in embedders]
     switch_model = args.switch_model
     if args.fusion == 'switch' and not switch_model:

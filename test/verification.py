@@ -8,8 +8,8 @@ import os
 from recognition.checkpoint import parse_pretrained
 from recognition.data.bin import load_verification_set
 from recognition.evaluation.verification import format_result, test_bin
-from recognition.inference import INPUT_SCALES, load_embedder
-from recognition.utils import UserError, add_device_args, parse_contexts, run_cli
+from recognition.inference import INPUT_SCALES, add_backend_arg, backend_devices, load_embedder
+from recognition.utils import UserError, add_device_args, run_cli
 
 
 def parse_args(argv=None):
@@ -24,6 +24,7 @@ def parse_args(argv=None):
     p.add_argument('--input-scale', default='raw', choices=INPUT_SCALES,
                    help="raw: 0..255 (normalised in the graph); normalized: (x-127.5)/128; unit: x/255")
     add_device_args(p, batch_size=32)
+    add_backend_arg(p)
     return p.parse_args(argv)
 
 
@@ -34,7 +35,7 @@ def main(argv=None):
         image_size = tuple(int(v) for v in args.image_size.split(','))
     except ValueError:
         raise UserError(f'--image-size {args.image_size!r}: expected height,width') from None
-    ctx = parse_contexts(args.gpus, args.ctx)
+    ctx = backend_devices(args.backend, args.gpus, args.ctx)
     sets = []
     for name in [t for t in args.target.split(',') if t]:
         data_list, issame = load_verification_set(os.path.join(args.data_dir, name + '.bin'), image_size,
@@ -43,7 +44,8 @@ def main(argv=None):
         print(f'loaded {name}: {len(issame)} pairs', flush=True)
     for epoch in epochs:
         embedder = load_embedder(prefix, epoch, layer=args.layer, ctx=ctx, bgr=args.bgr,
-                                 input_scale=args.input_scale, batch_size=args.batch_size)
+                                 input_scale=args.input_scale, batch_size=args.batch_size,
+                                 backend=args.backend)
         print(f'model {prefix},{epoch}', flush=True)
         for name, data_list, issame in sets:
             result = test_bin(data_list, issame, embedder.forward, args.batch_size, nfolds=args.nfolds)

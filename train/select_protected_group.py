@@ -14,8 +14,8 @@ import os
 from recognition.evaluation.chain import append_chain_row, choose_group, evaluate_checkpoint
 from recognition.evaluation.fairness import WORST_GROUP_CRITERIA, evaluate_predictions
 from recognition.groups import GROUP_FILE
-from recognition.inference import model_methods
-from recognition.utils import UserError, add_device_args, parse_contexts, run_cli, write_json
+from recognition.inference import add_backend_arg, backend_devices, model_methods
+from recognition.utils import UserError, add_device_args, run_cli, write_json
 
 
 def parse_args(argv=None):
@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument('--step', default='', help='the row name in --table')
     p.add_argument('--seed', type=int, default=0, help="seed of the chain table's bootstrap resamples")
     add_device_args(p)
+    add_backend_arg(p)
     return p.parse_args(argv)
 
 
@@ -50,7 +51,8 @@ def main(argv=None):
         eval_dir = args.eval_dir or os.path.splitext(args.out)[0] + '_eval'
         predictions = os.path.join(eval_dir, 'predictions.csv')
         result = evaluate_checkpoint(args.model, args.val_dir, eval_dir, aligned_dir=args.aligned_dir or None,
-                                     ctx=parse_contexts(args.gpus, args.ctx), batch_size=args.batch_size)
+                                     ctx=backend_devices(args.backend, args.gpus, args.ctx), batch_size=args.batch_size,
+                                     backend=args.backend)
         print(f'read {args.model} and {args.val_dir}; wrote {eval_dir}/predictions.csv, {eval_dir}/eval.json')
     else:
         result = evaluate_predictions(args.predictions, os.path.join(args.val_dir, 'ground_truth.csv'),

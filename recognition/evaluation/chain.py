@@ -70,19 +70,20 @@ def val_files(val_dir):
     return files
 
 
-def evaluate_checkpoint(model, val_dir, out_dir, aligned_dir=None, ctx=None, batch_size=64):
+def evaluate_checkpoint(model, val_dir, out_dir, aligned_dir=None, ctx=None, batch_size=64, backend='mxnet'):
     """Score `model` (`prefix,epoch`; layer and input from a model.json beside it that names it, as for any
     `--model`) on the validation pairs (align, flip TTA, cosine) and measure them.
 
     Writes `out_dir/predictions.csv` and `out_dir/eval.json`; returns the evaluation result dict.
-    Aligned crops go to `aligned_dir` (default `out_dir/aligned`) and are reused when present.
+    Aligned crops go to `aligned_dir` (default `out_dir/aligned`) and are reused when present. `backend`
+    and `ctx` as `inference.load_embedder` takes them (`inference.backend_devices`).
     """
     # here: the study and the table tools read chain tables without a model; these load mxnet (~2 s)
     from recognition.alignment.folder import align_folder
     from recognition.evaluation.predictions import predict
     from recognition.inference import load_embedder, model_spec, template_images
     files = val_files(val_dir)
-    embedder = load_embedder(**model_spec(model), ctx=ctx, batch_size=batch_size)
+    embedder = load_embedder(**model_spec(model), ctx=ctx, batch_size=batch_size, backend=backend)
     os.makedirs(out_dir, exist_ok=True)
     aligned_dir = aligned_dir or os.path.join(out_dir, 'aligned')
     align_folder(files['images'], aligned_dir, image_size=112, landmarks=files['landmarks'], skip_existing=True)
