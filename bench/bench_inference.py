@@ -94,7 +94,7 @@ def bench_throughput(work, nets, batches, rounds):
         prefix = make_checkpoint(work, name)
         cached_onnx(prefix, 1, log=lambda *a: None)
         base, note = module_baseline(prefix)
-        variants = {'module@32': lambda: [base(x[lo:lo + 32]) for lo in range(0, IMAGES, 32)]}
+        variants = {'module@32': lambda: np.concatenate([base(x[lo:lo + 32]) for lo in range(0, IMAGES, 32)])}
         for b in batches:
             for backend in ('mxnet', 'onnxruntime'):
                 emb = load_embedder(prefix, 1, batch_size=b, backend=backend)

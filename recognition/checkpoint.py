@@ -118,6 +118,22 @@ def save_checkpoint(prefix, epoch, net, head=None, strip_fc7=False, extra_blocks
     return params_path
 
 
+def prelu_slopes(sym, image_size):
+    """{slope parameter: rank of the PReLU's input} of every `LeakyReLU(prelu)` of `sym` at `image_size`
+    (None where MXNet cannot tell)."""
+    internals = sym.get_internals()
+    shapes = dict(zip(internals.list_outputs(),
+                      internals.infer_shape_partial(data=(1, 3) + tuple(image_size))[1]))
+    nodes = json.loads(sym.tojson())['nodes']
+    slopes = {}
+    for node in nodes:
+        if node['op'] == 'LeakyReLU' and node.get('attrs', {}).get('act_type') == 'prelu' and len(node['inputs']) == 2:
+            source, slope = nodes[node['inputs'][0][0]], nodes[node['inputs'][1][0]]
+            shape = shapes.get(source['name'] if source['op'] == 'null' else source['name'] + '_output')
+            slopes[slope['name']] = len(shape) if shape else None
+    return slopes
+
+
 def mxnet_reason(error):
     """The line of an MXNet error that says what failed (its message starts with a C++ traceback)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
 from onnx import numpy_helper
 
-from recognition.checkpoint import checkpoint_files, load_checkpoint
+from recognition.checkpoint import checkpoint_files, load_checkpoint, prelu_slopes
 from recognition.utils import UserError, atomic_path
 
 EMBEDDING_LAYER = 'fc1_output'
@@ -102,17 +102,18 @@ def _raw_initializers():
             MXNetGraph.registry_[version]['null'] = func
 
 
-def fix_prelu_slopes(model):
-    """Make every PRelu slope (C,) -> (C, 1, 1).
+def fix_prelu_slopes(model, slopes):
+    """Make every PRelu slope on an NCHW tensor (C,) -> (C, 1, 1) (`slopes` from `prelu_slopes`).
 
     MXNet writes LeakyReLU(prelu)'s gamma as a (C,) initializer; ONNX broadcasts from the last axis, so
     (C,) would meet the width axis of an NCHW tensor. (C, 1, 1) is the channel-wise slope MXNet means.
+    After a dense layer (N x C) the (C,) slope already broadcasts as MXNet means and stays.
     """
     inits = {i.name: i for i in model.graph.initializer}
     fixed = set()
     for node in model.graph.node:
         slope = inits.get(node.input[1]) if node.op_type == 'PRelu' else None
-        if slope is not None and len(slope.dims) == 1:
+        if slope is not None and len(slope.dims) == 1 and slopes.get(slope.name) in (4, None):
             arr = numpy_helper.to_array(slope).reshape(-1, 1, 1)
             slope.CopyFrom(numpy_helper.from_array(arr, slope.name))
             fixed.add(slope.name)
@@ -140,7 +141,7 @@ def convert(sym, params, path, image_size=(112, 112)):
         mx.onnx.export_model(explicit_flatten(sym), params, in_shapes=[(1, 3, h, w)], in_types=[np.float32],
                              onnx_file_path=path, dynamic=True, dynamic_input_shapes=[(None, 3, h, w)])
     model = onnx.load(path)
-    fix_prelu_slopes(model)
+    fix_prelu_slopes(model, prelu_slopes(sym, image_size))
     initializers_as_constants(model)
     return model
 

@@ -142,19 +142,14 @@ def inference_graph(sym, arg_params, image_size):
       forward time.
     """
     import mxnet as mx
-    internals = sym.get_internals()
-    shapes = dict(zip(internals.list_outputs(),
-                      internals.infer_shape_partial(data=(1, 3) + tuple(image_size))[1]))
+    from recognition.checkpoint import prelu_slopes
+    ranks = prelu_slopes(sym, image_size)
     graph = json.loads(sym.tojson())
     nodes, extra, new, where = graph['nodes'], {}, [], {}
 
     def add(node):
         new.append(node)
         return [len(new) - 1, 0, 0]
-
-    def output_name(entry):
-        node = nodes[entry[0]]
-        return f'{node["name"]}_output' if node['op'] != 'null' else node['name']
 
     for i, node in enumerate(nodes):
         old_inputs = node['inputs']
@@ -164,8 +159,7 @@ def inference_graph(sym, arg_params, image_size):
             node['inputs'][0] = add({'op': 'Flatten', 'name': f'{node["name"]}_flatten', 'inputs': [node['inputs'][0]]})
         if node['op'] == 'LeakyReLU' and attrs.get('act_type') == 'prelu' and len(old_inputs) == 2:
             slope = nodes[old_inputs[1][0]]['name']
-            shape = shapes.get(output_name(old_inputs[0]))
-            if slope in arg_params and shape is not None and len(shape) == 4:
+            if slope in arg_params and ranks.get(slope) == 4:
                 channels = arg_params[slope].shape[0]
                 x, name = node['inputs'][0], node['name']
                 conv = {'kernel': '(1, 1)', 'num_filter': str(channels), 'num_group': str(channels), 'no_bias': 'True'}

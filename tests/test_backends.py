@@ -171,8 +171,8 @@ def test_an_export_that_does_not_match_is_refused_and_mxnet_still_runs(tmp_path,
     prefix = module_checkpoint(tmp_path)
     fix = export.fix_prelu_slopes
 
-    def broken(model):   # an exporter bug: one slope written twice as large
-        fix(model)
+    def broken(model, slopes):   # an exporter bug: one slope written twice as large
+        fix(model, slopes)
         for init in model.graph.initializer:
             if init.name == 'relu0_gamma':
                 init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 2, init.name))

@@ -298,3 +298,21 @@ def test_attributes_cli_clear_errors(trained, data, tmp_path, capsys):
         run_attributes_cli(['--model', f'{sess.prefix},1'] + common)
     assert done.value.code == 2
     assert 'without an image' in capsys.readouterr().err and not os.path.exists(str(tmp_path / 'o' / 'attributes.json'))
+
+
+def test_attributes_cli_on_onnxruntime_equals_mxnet(trained, data, tmp_path):
+    """The attribute heads and fc1 as one multi-output ONNX export, through the CLI's --backend."""
+    sess = trained[0]
+    images, metadata = write_eval_set(str(tmp_path / 'eval'), dict(list(data[1].items())[:4]))
+    rows = {}
+    for backend in ('mxnet', 'onnxruntime'):
+        out = str(tmp_path / backend)
+        with pytest.raises(SystemExit) as done:
+            run_attributes_cli(['--model', f'{sess.prefix},1', '--images', images, '--metadata', metadata,
+                                '--out', out, '--already-aligned', '--image-size', str(SIZE), '--backend', backend])
+        assert done.value.code in (0, None)
+        with open(os.path.join(out, 'attributes.csv')) as f:
+            rows[backend] = [line.split(',') for line in f.read().splitlines()[1:]]
+    assert [r[:3] for r in rows['onnxruntime']] == [r[:3] for r in rows['mxnet']] and rows['mxnet']
+    np.testing.assert_allclose([float(r[3]) for r in rows['onnxruntime']], [float(r[3]) for r in rows['mxnet']],
+                               atol=1e-3)
