@@ -17,8 +17,8 @@ from recognition.evaluation.bias_benchmarks import (RFW_SUBSETS, evaluate_bfw, e
                                                     read_rfw)
 from recognition.evaluation.bootstrap import REPLICATES
 from recognition.evaluation.fairness import FAR_TARGETS
-from recognition.inference import extract_features, load_embedder, model_spec
-from recognition.utils import UserError, add_device_args, atomic_open, parse_contexts, run_cli, write_json
+from recognition.inference import add_backend_arg, backend_devices, extract_features, load_embedder, model_spec
+from recognition.utils import UserError, add_device_args, atomic_open, run_cli, write_json
 
 
 def far_list(text):
@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument('--bootstrap', type=int, default=REPLICATES, help='replicates for the intervals (0: none)')
     p.add_argument('--seed', type=int, default=0, help='seed of the bootstrap resamples')
     add_device_args(p)
+    add_backend_arg(p)
     return p.parse_args(argv)
 
 
@@ -97,8 +98,9 @@ def main(argv=None):
     else:
         table = args.datatable or os.path.join(args.root, 'bfw-datatable.csv')
         p1, p2, labels, id1, id2, groups = read_bfw(table)
-    ctx = parse_contexts(args.gpus, args.ctx)
-    embedders = [load_embedder(**model_spec(ref), ctx=ctx, batch_size=args.batch_size) for ref in args.model]
+    ctx = backend_devices(args.backend, args.gpus, args.ctx)
+    embedders = [load_embedder(**model_spec(ref), ctx=ctx, batch_size=args.batch_size, backend=args.backend)
+                 for ref in args.model]
     names = [e.name for e in embedders]
     if len(set(names)) < len(names):
         names = [f'{i}_{n}' for i, n in enumerate(names)]

@@ -16,8 +16,8 @@ import numpy as np
 
 from recognition.evaluation.bootstrap import REPLICATES
 from recognition.evaluation.ijb import TARGETS, evaluate, format_table, image_features, load_protocol, plot_roc
-from recognition.inference import load_embedder, model_spec
-from recognition.utils import add_device_args, atomic_open, atomic_path, parse_contexts, run_cli, write_json
+from recognition.inference import add_backend_arg, backend_devices, load_embedder, model_spec
+from recognition.utils import add_device_args, atomic_open, atomic_path, run_cli, write_json
 
 
 def parse_args(argv=None):
@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument('--bootstrap', type=int, default=REPLICATES, help='replicates for the intervals (0: none)')
     p.add_argument('--seed', type=int, default=0, help='seed of the bootstrap resamples')
     add_device_args(p)
+    add_backend_arg(p)
     return p.parse_args(argv)
 
 
@@ -48,8 +49,9 @@ def file_name(name):
 def main(argv=None):
     args = parse_args(argv)
     protocol = load_protocol(args.image_path, args.target)
-    ctx = parse_contexts(args.gpus, args.ctx)
-    embedders = [load_embedder(**model_spec(ref), ctx=ctx, batch_size=args.batch_size) for ref in args.model]
+    ctx = backend_devices(args.backend, args.gpus, args.ctx)
+    embedders = [load_embedder(**model_spec(ref), ctx=ctx, batch_size=args.batch_size, backend=args.backend)
+                 for ref in args.model]
     names = [e.name for e in embedders]
     if len(set(names)) < len(names):
         names = [f'{i}_{n}' for i, n in enumerate(names)]
