@@ -39,7 +39,7 @@ def embedding_symbol(net):
     PReLUs are emitted as MXNet's native `LeakyReLU` op (the models' fast formulation is for training),
     so the graph is op-for-op insightface's and every converter knows it.
     """
-    from recognition.models import native_prelu   # here: see the note on imports in training/loop.py
+    from recognition.models.layers import native_prelu   # here: recognition.models imports this module
     with native_prelu(net):
         out = net(mx.sym.var('data'))
     if isinstance(out, (list, tuple)):

@@ -24,7 +24,7 @@ from recognition.data.record import IdentityRecordWriter
 from recognition.data.sampler import balanced_sampler, parse_sampler
 from recognition.evaluation.chain import chain_markdown
 from recognition.groups import GROUPS, group_members, parse_group_values
-from recognition.inference import install_model, model_methods, read_model_json
+from recognition.model_folder import install_model, model_methods, read_model_json
 from recognition.losses import build_group_margin_head, fpr_penalty
 from recognition.training import TrainingSession
 from recognition.utils import UserError

@@ -243,7 +243,8 @@ def test_shell_chain_on_a_tiny_set(fairface, tmp_path):
     step3_log = open(str(models / 'fairface-step3' / 'train.log')).read()
     assert f"group '{group}'" in step3_log
     assert sorted(os.listdir(final)) == sorted([f'{group}_3_steps_finetune', 'hard_sample_train'])
-    from recognition.inference import find_model_dirs, load_model_dir
+    from recognition.model_folder import find_model_dirs
+    from recognition.inference import load_model_dir
     for folder in find_model_dirs(str(final)):
         assert sorted(os.listdir(folder)) == ['model-0001.params', 'model-symbol.json', 'model.json']
         assert load_model_dir(folder).embed(np.zeros((1, 112, 112, 3), np.uint8)).shape == (1, EMB)

@@ -8,8 +8,8 @@ import pytest
 
 from recognition import checkpoint
 from recognition.checkpoint import parse_pretrained
-from recognition.inference import (extract_features, find_model_dirs, install_model, load_embedder, load_model_dir,
-                                   model_spec, template_images)
+from recognition.model_folder import find_model_dirs, install_model, model_spec
+from recognition.inference import extract_features, load_embedder, load_model_dir, template_images
 from recognition.utils import UserError
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from recognition import checkpoint
-from recognition.inference import load_embedder, model_spec
+from recognition.model_folder import model_spec
+from recognition.inference import load_embedder
 from recognition.training import TrainingSession
 from recognition.utils import UserError
 from test_finetune import fairface, run_script   # noqa: F401  (fairface is a fixture)

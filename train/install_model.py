@@ -3,11 +3,11 @@
     python train/install_model.py models/fairface-step3 hard_sample_train --final-dir final_eval_models
 
 FINAL_DIR/NAME gets model-symbol.json, model-NNNN.params and model.json, swapped in whole
-(`recognition.inference.install_model`); the finetune step scripts end with it.
+(`recognition.model_folder.install_model`); the finetune step scripts end with it.
 """
 import argparse
 
-from recognition.inference import install_model
+from recognition.model_folder import install_model
 from recognition.utils import run_cli
 
 

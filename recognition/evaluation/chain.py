@@ -81,7 +81,8 @@ def evaluate_checkpoint(model, val_dir, out_dir, aligned_dir=None, ctx=None, bat
     # here: the study and the table tools read chain tables without a model; these load mxnet (~2 s)
     from recognition.alignment.folder import align_folder
     from recognition.evaluation.predictions import predict
-    from recognition.inference import load_embedder, model_spec, template_images
+    from recognition.model_folder import model_spec
+    from recognition.inference import load_embedder, template_images
     files = val_files(val_dir)
     embedder = load_embedder(**model_spec(model), ctx=ctx, batch_size=batch_size, backend=backend)
     os.makedirs(out_dir, exist_ok=True)
@@ -101,7 +102,7 @@ def _fmt(v, digits=4):
 
 def chain_markdown(rows):
     """The chain table as markdown: one row per step (with the bias-mitigation methods that trained its
-    model, `inference.model_methods`), accuracy then bias."""
+    model, `model_folder.model_methods`), accuracy then bias."""
     head = (['step', 'model', 'methods', 'AUC', 'TAR@FAR1e-3'] + [f'AUC {g}' for g in GROUPS]
             + ['group AUC gap', 'FMR@EER dark_female', 'FMR ratio@EER', 'FNMR ratio@EER', 'rank bias +',
                'rank bias -'])

@@ -15,7 +15,7 @@ import numpy as np
 from recognition.checkpoint import parse_pretrained
 from recognition.config import network as NETWORK_PRESETS
 from recognition.config import network_settings
-from recognition.inference import model_json_settings
+from recognition.model_folder import model_json_settings
 from recognition.utils import UserError
 from recognition.models.fresnet import FILTERS, UNITS, FResNet
 from recognition.models.layers import XAVIER, PReLU, native_prelu, walk_blocks

@@ -15,7 +15,7 @@ import mxnet as mx
 from mxnet.gluon import SymbolBlock
 
 from recognition.checkpoint import EMBEDDING, load_checkpoint
-from recognition.inference import INPUT_SCALES, model_json_settings
+from recognition.model_folder import INPUT_SCALES
 from recognition.utils import UserError
 
 PREPROCESS_NODES = ('input_bgr', 'input_scaled')
