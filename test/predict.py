@@ -17,7 +17,7 @@ from recognition.evaluation.fairness import FMR_TARGET
 from recognition.evaluation.pairs_csv import read_pairs_csv
 from recognition.evaluation.posthoc import PosthocStep
 from recognition.evaluation.predictions import calibration_state_path, predict, provenance_path
-from recognition.model_folder import find_model_dirs, model_dir_spec
+from recognition.model_folder import find_model_dirs, model_dir_spec, model_methods
 from recognition.inference import add_backend_arg, backend_devices, load_model_dir, template_images
 from recognition.utils import UserError, run_cli, write_json
 
@@ -155,7 +155,7 @@ def provenance(args, model_dirs, switch_model, summary, posthoc=None):
     for d in model_dirs:
         spec = model_dir_spec(d)
         models.append({'name': spec['name'], 'folder': os.path.abspath(d), 'checkpoint': f'{spec["prefix"]},{spec["epoch"]}',
-                       'layer': spec['layer']})
+                       'layer': spec['layer'], 'methods': model_methods(d)})
     return {'predictions': os.path.basename(args.out), 'template': os.path.abspath(args.template), 'models': models,
             'fusion': args.fusion, 'post_processing': post, 'posthoc': record,
             'raw_scores': os.path.basename(summary['raw']) if summary['raw'] else None,

@@ -23,6 +23,7 @@ from recognition.data.dataset import FaceRecordDataset
 from recognition.data.record import IdentityRecordWriter
 from recognition.data.sampler import balanced_sampler, parse_sampler
 from recognition.evaluation.chain import chain_markdown
+from recognition.evaluation.report import provenance_lines
 from recognition.groups import GROUPS, group_members, parse_group_values
 from recognition.model_folder import install_model, model_methods, read_model_json
 from recognition.losses import build_group_margin_head, fpr_penalty
@@ -329,6 +330,14 @@ def test_installed_model_and_chain_table_name_the_methods(tmp_path):
     assert '| methods |' in table.splitlines()[0]
     assert '| selected-attributes dark_female; sampler balanced:gender_skin |' in table
     assert '| step2 | final/fair | - |' in table
+    # the report of predictions made with the folder names them too (test/predict.py records model_methods)
+    record = {'models': [{'name': 'fair', 'checkpoint': f'{dest}/model,3', 'layer': 'fc1_output',
+                          'methods': model_methods(dest)},
+                         {'name': 'plain', 'checkpoint': 'plain/model,1', 'layer': 'fc1_output', 'methods': []}],
+              'fusion': 'mean', 'post_processing': []}
+    lines = provenance_lines({'provenance': record})
+    assert lines[0].endswith('; trained with selected-attributes dark_female, sampler balanced:gender_skin')
+    assert lines[1] == 'model plain: plain/model,1 (fc1_output)'
 
 
 # --- through the CLI ---------------------------------------------------------------------------------------

@@ -144,7 +144,8 @@ def provenance_lines(result):
     prov = result.get('provenance')
     if not prov:
         return []
-    lines = [f'model {m["name"]}: {m["checkpoint"]} ({m["layer"]})' for m in prov.get('models', [])]
+    lines = [f'model {m["name"]}: {m["checkpoint"]} ({m["layer"]})'
+             + (f'; trained with {", ".join(m["methods"])}' if m.get('methods') else '') for m in prov.get('models', [])]
     lines.append(f'fusion: {prov.get("fusion")}; post-processing: {", ".join(prov.get("post_processing") or []) or "none"}')
     if prov.get('missing_pairs'):
         lines.append(f'{prov["missing_pairs"]} pairs without an image scored {prov.get("missing_score")}')
