@@ -9,22 +9,9 @@
 #   STEP3_RUN=step3-all-layers STEP3_FREEZE=0 ./shell/fairness_study.sh 3
 # Every chain variable (STEP3_FREEZE, STEP3_LR, STEP3_STEPS, SELECTED, ...) reaches every seed.
 set -eo pipefail
-. "$(dirname "$0")/env.sh"
+. "$(dirname "$0")/study_common.sh"
 N="${1:-3}"
-STUDY_ROOT="${STUDY_ROOT:-models/study}"
-export FAIRFACE_DIR="${FAIRFACE_DIR:-datasets/demo_fairface}"
 export STEP3_RUN="${STEP3_RUN:-fairface-step3}"
-if [ ! -f "$FAIRFACE_DIR/train.rec" ] || [ ! -f datasets/demo_emore/train.rec ]; then
-  python data_process/make_demo_data.py --out datasets --seed "${DATA_SEED:-0}"
-fi
-stage() {   # stage RUN_FOLDER COMMAND...: run COMMAND unless RUN_FOLDER/latest exists
-  local folder="$1"; shift
-  if [ -f "$folder/latest" ]; then
-    echo "[study] seed $SEED: reusing $folder ($(cat "$folder/latest"))"
-  else
-    "$@"
-  fi
-}
 runs=()
 for ((s = 0; s < N; s++)); do
   export SEED="$s" MODELS_ROOT="$STUDY_ROOT/seed_$s"

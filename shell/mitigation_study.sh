@@ -9,23 +9,10 @@
 # MARGIN (default 0.3): the m2 the step-2 worst group gets with --group-margin (the others keep the preset's).
 # FPR_WEIGHT (default 1): the --fpr-penalty weight. K (default 8): the clusters of --fsn and --faircal.
 set -eo pipefail
-. "$(dirname "$0")/env.sh"
+. "$(dirname "$0")/study_common.sh"
 N="${1:-3}"
-STUDY_ROOT="${STUDY_ROOT:-models/study}"
-export FAIRFACE_DIR="${FAIRFACE_DIR:-datasets/demo_fairface}"
 MARGIN="${MARGIN:-0.3}" FPR_WEIGHT="${FPR_WEIGHT:-1}" K="${K:-8}"
 TEST_DIR="$FAIRFACE_DIR/test"
-if [ ! -f "$FAIRFACE_DIR/train.rec" ] || [ ! -f datasets/demo_emore/train.rec ]; then
-  python data_process/make_demo_data.py --out datasets --seed "${DATA_SEED:-0}"
-fi
-stage() {   # stage RUN_FOLDER COMMAND...: run COMMAND unless RUN_FOLDER/latest exists
-  local folder="$1"; shift
-  if [ -f "$folder/latest" ]; then
-    echo "[mitigation] seed $SEED: reusing $folder ($(cat "$folder/latest"))"
-  else
-    "$@"
-  fi
-}
 landmarks=()
 [ -f "$TEST_DIR/landmarks.txt" ] && landmarks=(--landmarks "$TEST_DIR/landmarks.txt")
 predict() {   # predict NAME MODEL_FOLDER [test/predict.py switches]: test-split predictions of one model

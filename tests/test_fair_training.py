@@ -29,6 +29,7 @@ from recognition.model_folder import install_model, model_methods, read_model_js
 from recognition.losses import build_group_margin_head, fpr_penalty
 from recognition.training import TrainingSession
 from recognition.utils import UserError
+from test_losses import numeric_grad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODES = {'gender': {0: 'female', 1: 'male'}, 'skin_colour': {0: 'light', 1: 'dark'}}
@@ -163,19 +164,6 @@ def reference_group_margin(emb, weight, label, m2, s, m1=1.0, m3=0.0, easy_margi
             target = np.where(cos_t > np.cos(np.pi - m2), target, s * (cos_t - m2 * np.sin(m2)))
     logits[rows, label] = target
     return logits
-
-
-def numeric_grad(f, arr, eps=1e-6):
-    grad = np.zeros_like(arr)
-    for idx in np.ndindex(arr.shape):
-        keep = arr[idx]
-        arr[idx] = keep + eps
-        hi = f()
-        arr[idx] = keep - eps
-        lo = f()
-        arr[idx] = keep
-        grad[idx] = (hi - lo) / (2 * eps)
-    return grad
 
 
 @pytest.mark.parametrize('loss_name,over', [('arcface', {}), ('arcface', {'easy_margin': True}),

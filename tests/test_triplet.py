@@ -16,25 +16,13 @@ from recognition.data.record import IdentityRecordWriter
 from recognition.data.triplets import TripletLoader, TripletSampler, check_triplet_batch
 from recognition.losses import HeadLoss, SoftmaxLoss, TripletHead, build_head
 from recognition.utils import UserError
+from test_losses import numeric_grad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT = 1.0 - 1e-6
 T, EMB, C = 4, 6, 5
 N = 3 * T
 MARGIN = 0.65 * math.pi
-
-
-def numeric_grad(f, arr, eps=1e-6):
-    grad = np.zeros_like(arr)
-    for idx in np.ndindex(arr.shape):
-        keep = arr[idx]
-        arr[idx] = keep + eps
-        hi = f()
-        arr[idx] = keep - eps
-        lo = f()
-        arr[idx] = keep
-        grad[idx] = (hi - lo) / (2 * eps)
-    return grad
 
 
 def mined(x, label, mining):

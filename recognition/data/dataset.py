@@ -347,7 +347,27 @@ def batch_to_nchw(batch):
     return nd.from_numpy(out, zero_copy=True)
 
 
-class FaceLoader:
+class BatchLoader:
+    """What every training loader shares: whole batches of `batches` (lists of sample indices) read in the
+    worker processes of a gluon DataLoader, a batch a task, and yielded as (data NDArray Bx3xHxW float32, label
+    NDArray); `sampler` holds the epoch (`set_epoch`, `epoch`)."""
+
+    def __init__(self, dataset, batches, sampler, seed, num_workers=0):
+        self.sampler = sampler
+        self._loader = gluon.data.DataLoader(_BatchReader(dataset, shared=num_workers > 0, seed=seed),
+                                             batch_sampler=_WholeBatches(batches, sampler),
+                                             batchify_fn=_whole_batch, num_workers=num_workers)
+
+    @property
+    def epoch(self):
+        return self.sampler.epoch
+
+    def __iter__(self):
+        for data, label in self._loader:
+            yield batch_to_nchw(data), nd.array(label, dtype=np.float32)
+
+
+class FaceLoader(BatchLoader):
     """Batches (data NDArray Bx3xHxW float32, label NDArray) from a FaceRecordDataset."""
 
     def __init__(self, dataset, batch_size, num_workers=0, shuffle=True, seed=0, identities=None,
@@ -358,24 +378,13 @@ class FaceLoader:
             if indices.size == 0:
                 raise UserError(f'{dataset.rec_paths[0]}: no samples to load')
             sampler = EpochSampler(indices, shuffle=shuffle, seed=seed, part=part)
-        self.sampler = sampler
-        self.sampler.set_epoch(epoch, start_batch * batch_size)
-        self.batch_sampler = gluon.data.BatchSampler(self.sampler, batch_size, last_batch)
-        self._loader = gluon.data.DataLoader(_BatchReader(dataset, shared=num_workers > 0, seed=seed),
-                                             batch_sampler=_WholeBatches(self.batch_sampler, self.sampler),
-                                             batchify_fn=_whole_batch, num_workers=num_workers)
+        sampler.set_epoch(epoch, start_batch * batch_size)
+        self.batch_sampler = gluon.data.BatchSampler(sampler, batch_size, last_batch)
+        super().__init__(dataset, self.batch_sampler, sampler, seed, num_workers)
 
     def set_epoch(self, epoch, start_batch=0):
         """The next iteration yields epoch `epoch`'s order from batch `start_batch` on."""
         self.sampler.set_epoch(epoch, start_batch * self.batch_size)
-
-    @property
-    def epoch(self):
-        return self.sampler.epoch
-
-    def __iter__(self):
-        for data, label in self._loader:
-            yield batch_to_nchw(data), nd.array(label, dtype=np.float32)
 
     def __len__(self):
         return len(self.batch_sampler)

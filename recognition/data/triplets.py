@@ -12,9 +12,9 @@ the same batches, and a resumed run skips whole batches of that order. Images ar
 train loader's `_BatchReader`, so each sample's augmentation stays keyed by (seed, epoch, index).
 """
 import numpy as np
-from mxnet import gluon, nd
+from mxnet import gluon
 
-from recognition.data.dataset import _BatchReader, _whole_batch, _WholeBatches, batch_to_nchw
+from recognition.data.dataset import BatchLoader
 from recognition.utils import UserError
 
 # The third entry of the generator key: keeps this sampler's stream apart from the epoch order's [seed, epoch].
@@ -92,27 +92,15 @@ class TripletSampler(gluon.data.Sampler):
         return self.num_pairs // (self.triplets * self.contexts)
 
 
-class TripletLoader:
+class TripletLoader(BatchLoader):
     """A :class:`TripletSampler`'s batches with the train loader's interface (`set_epoch`, `epoch`, iteration
-    of (data, label) NDArrays); the images are read in the worker processes of a gluon DataLoader, a batch a
-    task."""
+    of (data, label) NDArrays); the sampler yields whole batches itself."""
 
     def __init__(self, dataset, sampler, num_workers=0):
-        self.sampler = sampler
-        self._loader = gluon.data.DataLoader(_BatchReader(dataset, shared=num_workers > 0, seed=sampler.seed),
-                                             batch_sampler=_WholeBatches(self.sampler, self.sampler),
-                                             batchify_fn=_whole_batch, num_workers=num_workers)
+        super().__init__(dataset, sampler, sampler, sampler.seed, num_workers)
 
     def set_epoch(self, epoch, start_batch=0):
         self.sampler.set_epoch(epoch, start_batch)
-
-    @property
-    def epoch(self):
-        return self.sampler.epoch
-
-    def __iter__(self):
-        for data, label in self._loader:
-            yield batch_to_nchw(data), nd.array(label, dtype=np.float32)
 
     def __len__(self):
         return len(self.sampler)
