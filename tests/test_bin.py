@@ -27,6 +27,8 @@ def test_bin_round_trip_and_load(tmp_path):
     assert data.shape == (6, 3, 112, 112) and flipped.shape == data.shape
     d, f = data.asnumpy(), flipped.asnumpy()
     np.testing.assert_array_equal(f, d[:, :, :, ::-1])
+    for i, b in enumerate(bins):   # exactly the decoded pixels, RGB, channels first
+        np.testing.assert_array_equal(d[i], cv2.imdecode(b, cv2.IMREAD_COLOR)[:, :, ::-1].transpose(2, 0, 1))
     assert abs(d[3, 0, 50, 60] - 30) <= 3 and d[3, 2, 50, 5] > 240 and d[3, 2, 50, 100] < 15   # RGB order
     with pytest.raises(ValueError):
         write_bin(tmp_path / 'odd.bin', bins[:3], [True])
