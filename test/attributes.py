@@ -14,8 +14,8 @@ import os
 from recognition.alignment.folder import align_folder
 from recognition.detection.choice import add_detector_args, detectors_from_args
 from recognition.evaluation.attributes import attribute_heads, evaluate_attributes, metadata_codes
-from recognition.model_folder import model_spec
 from recognition.inference import add_backend_arg, backend_devices, load_embedder, template_images
+from recognition.model_folder import model_spec
 from recognition.utils import UserError, add_device_args, run_cli
 
 

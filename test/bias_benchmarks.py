@@ -17,8 +17,8 @@ from recognition.evaluation.bias_benchmarks import (RFW_SUBSETS, evaluate_bfw, e
                                                     read_rfw)
 from recognition.evaluation.bootstrap import REPLICATES
 from recognition.evaluation.fairness import FAR_TARGETS
-from recognition.model_folder import model_spec
 from recognition.inference import add_backend_arg, backend_devices, extract_features, load_embedder
+from recognition.model_folder import model_spec
 from recognition.utils import UserError, add_device_args, atomic_open, run_cli, write_json
 
 

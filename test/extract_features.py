@@ -11,8 +11,8 @@ import numpy as np
 
 from recognition.checkpoint import parse_pretrained
 from recognition.data.lst import list_images
-from recognition.model_folder import INPUT_SCALES
 from recognition.inference import add_backend_arg, backend_devices, extract_features, load_embedder, load_models
+from recognition.model_folder import INPUT_SCALES
 from recognition.utils import UserError, add_device_args, atomic_open, atomic_path, run_cli
 
 

@@ -16,8 +16,8 @@ import numpy as np
 
 from recognition.evaluation.bootstrap import REPLICATES
 from recognition.evaluation.ijb import TARGETS, evaluate, format_table, image_features, load_protocol, plot_roc
-from recognition.model_folder import model_spec
 from recognition.inference import add_backend_arg, backend_devices, load_embedder
+from recognition.model_folder import model_spec
 from recognition.utils import add_device_args, atomic_open, atomic_path, run_cli, write_json
 
 

@@ -17,8 +17,8 @@ from recognition.evaluation.fairness import FMR_TARGET
 from recognition.evaluation.pairs_csv import read_pairs_csv
 from recognition.evaluation.posthoc import PosthocStep
 from recognition.evaluation.predictions import calibration_state_path, predict, provenance_path
-from recognition.model_folder import find_model_dirs, model_dir_spec, model_methods
 from recognition.inference import add_backend_arg, backend_devices, load_model_dir, template_images
+from recognition.model_folder import find_model_dirs, model_dir_spec, model_methods
 from recognition.utils import UserError, run_cli, write_json
 
 

@@ -8,8 +8,8 @@ import os
 from recognition.checkpoint import parse_pretrained
 from recognition.data.bin import load_verification_set
 from recognition.evaluation.verification import format_result, test_bin
-from recognition.model_folder import INPUT_SCALES
 from recognition.inference import add_backend_arg, backend_devices, load_embedder
+from recognition.model_folder import INPUT_SCALES
 from recognition.utils import UserError, add_device_args, run_cli
 
 

@@ -14,8 +14,8 @@ import os
 from recognition.evaluation.chain import append_chain_row, choose_group, evaluate_checkpoint
 from recognition.evaluation.fairness import WORST_GROUP_CRITERIA, evaluate_predictions
 from recognition.groups import GROUP_FILE
-from recognition.model_folder import model_methods
 from recognition.inference import add_backend_arg, backend_devices
+from recognition.model_folder import model_methods
 from recognition.utils import UserError, add_device_args, run_cli, write_json
 
 
