@@ -363,9 +363,10 @@ def launch(command, num_workers, num_servers=1, launcher='local', hostfile=None,
     finally:
         for p in procs:
             p.stop()
+        deadline = time.time() + 5   # one grace period for all: a worker blocked on a dead server never ends
         for p in procs:
             try:
-                p.popen.wait(timeout=5)
+                p.popen.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 p.stop(signal.SIGKILL)
                 p.popen.wait()
