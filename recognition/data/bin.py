@@ -101,9 +101,9 @@ def _decode(path, bins, issame, image_size):
     every image has its own rows, so the result does not depend on the threads).
 
     cv2's `blobFromImage` (scale 1, no mean, swapRB) writes the same values as numpy's
-    `img[:, :, ::-1].transpose(2, 0, 1)` (uint8 to float32 is exact) about 15x faster: the numpy copies of
-    the two arrays took 10 of the 25 s of an onnxruntime test/verification.py run on 6,000 pairs
-    (py-spy; docs/benchmarks.md).
+    `img[:, :, ::-1].transpose(2, 0, 1)` (uint8 to float32 is exact) about 15x faster: the numpy copies
+    were most of `load_bin`'s 6 s in a 25 s onnxruntime test/verification.py run on 6,000 pairs (py-spy;
+    docs/benchmarks.md, inference run 5).
     """
     from mxnet import nd   # here: make_bin.py and the checks read and write .bin sets without MXNet (~2 s)
     h, w = image_size
