@@ -127,7 +127,9 @@ def main(argv=None):
         lines = bfw_report(names, results)
         title = 'BFW: TAR and FAR (%) per subgroup, the global threshold against per-subgroup thresholds'
     if replicates:
-        title += f'; 95% intervals of {replicates} identity-level bootstrap replicates (seed {args.seed})'
+        title += (f'; 95% intervals of {replicates} identity-level bootstrap replicates (seed {args.seed}); a '
+                  f'spread, std or ratio is biased upwards in resamples and can lie below its own interval '
+                  f'(docs/metrics.md)')
     write_json(args.out + '.json', {'protocol': args.protocol, 'models': dict(zip(names, args.model)),
                                     'results': dict(zip(names, results))})
     with atomic_open(args.out + '.md') as f:
