@@ -3,6 +3,7 @@
 Straight runs with 0 and 2 loader workers, two runs on 2 contexts, and a run stopped by SIGTERM and
 resumed (with another worker count) end with bit-identical parameters; another seed does not.
 """
+import json
 import os
 import signal
 import subprocess
@@ -74,3 +75,19 @@ def test_sigterm_then_resume_equals_the_straight_run(data_dir, tmp_path):
     stopped_at = int(out.split('SIGTERM at step ')[1].split(':')[0])
     assert 4 <= stopped_at < STEPS
     assert_same_bits(straight, train(data_dir, root, '--num-workers', '0', '--resume'))
+
+
+def test_resume_with_another_thread_count_is_warned(data_dir, tmp_path):
+    """MKLDNN's results depend on OMP_NUM_THREADS on some machines (docs/reproducibility.md): the snapshot
+    records it and a resume with another count says that it will not be bit-identical."""
+    def run(threads, steps, *extra):
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        cmd = command(data_dir, tmp_path, '--num-workers', '0', *extra, '--max-steps', str(steps))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    run('1', 4)
+    assert 'saved with OMP_NUM_THREADS=1, this run has 2' in run('2', 6, '--resume')
+    assert 'OMP_NUM_THREADS' not in run('2', 8, '--resume')
+    assert json.loads((tmp_path / 'demo-nsoftmax-demo' / 'model-resume.json').read_text())['step'] == 8

@@ -442,6 +442,7 @@ class TrainingSession:
                 'save_step': self.save_step, 'highest_acc': self.highest_acc, 'seed': self.seed,
                 'global_batch': self.global_batch, 'num_classes': self.num_classes,
                 'plateau': self.plateau.state_dict(), 'methods': self.methods, 'sample_ratio': self.sample_ratio,
+                'omp_num_threads': os.environ.get('OMP_NUM_THREADS'),
                 'run': {'network': self.opts.network, 'loss': self.opts.loss, 'dataset': self.opts.dataset}}
 
     def _resume(self):
@@ -457,6 +458,13 @@ class TrainingSession:
             raise UserError(f'{checkpoint.resume_file(self.prefix)}: saved with --sample-ratio '
                             f'{state.get("sample_ratio") or "off"}, this run has {self.sample_ratio or "off"}: '
                             f'resume needs the same --sample-ratio (or continue with --pretrained)')
+        threads = os.environ.get('OMP_NUM_THREADS')
+        if 'omp_num_threads' in state and state['omp_num_threads'] != threads:
+            # Warned, not refused: moving a run to another machine is legitimate (docs/reproducibility.md).
+            self.log.warning('%s: saved with OMP_NUM_THREADS=%s, this run has %s: MKLDNN\'s results depend on '
+                             'the thread count, so the resumed run will not be bit-identical to a straight one',
+                             checkpoint.resume_file(self.prefix), state['omp_num_threads'] or 'unset',
+                             threads or 'unset')
         self._resume_extra = state['extra_arrays']
         self.step = state['step']
         self.epoch = state['epoch']
