@@ -15,7 +15,6 @@ it is bound with the pass off (MXNET_SUBGRAPH_BACKEND=NONE), the only way that M
     OMP_NUM_THREADS=1 python bench/bench_inference.py [--nets r18,y1,demo] [--rounds 3] [--pairs 6000]
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from recognition.data.synthetic_faces import render_aligned, sample_identity, sa
 from recognition.evaluation.verification import evaluate
 from recognition.export import cached_onnx
 from recognition.inference import load_embedder
-from recognition.models import get_model, init_params
+from recognition.models import forward_flops, get_model, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = 128
@@ -81,19 +80,10 @@ def module_baseline(prefix, batch_size=32):
     raise RuntimeError(f'{prefix}: the Module baseline does not run')
 
 
-def macs_per_image(prefix, size=(112, 112)):
-    """Multiply-adds of one image through the convolutions and dense layers of `fc1_output`: with the
-    rates, the arithmetic rate (GFLOP/s = 2 x MACs x images/s) each variant reaches on this core."""
-    sym = mx.model.load_checkpoint(prefix, 1)[0].get_internals()['fc1_output']
-    internals = sym.get_internals()
-    outputs = dict(zip(internals.list_outputs(), internals.infer_shape(data=(1, 3) + size)[1]))
-    weights = dict(zip(sym.list_arguments(), sym.infer_shape(data=(1, 3) + size)[0]))
-    macs = 0
-    for node in json.loads(sym.tojson())['nodes']:
-        if node['op'] in ('Convolution', 'FullyConnected'):
-            out, w = outputs[node['name'] + '_output'], weights[node['name'] + '_weight']
-            macs += int(np.prod(w)) * (int(np.prod(out[2:])) if node['op'] == 'Convolution' else 1)
-    return macs
+def flops_per_image(prefix):
+    """`models.forward_flops` of the checkpoint's `fc1_output` graph (2 x the multiply-adds of its convolutions
+    and dense layers): with the rates, the arithmetic rate each variant reaches on this core."""
+    return forward_flops(mx.model.load_checkpoint(prefix, 1)[0].get_internals()['fc1_output'])
 
 
 def rate(fn, repeat=1):
@@ -125,14 +115,14 @@ def bench_throughput(work, nets, batches, rounds):
             for key, fn in variants.items():
                 rates[key].append(rate(fn))
         base_rates = np.array(rates['module@32'])
-        macs = macs_per_image(prefix)
+        flops = flops_per_image(prefix)
         print(f'\n{name} (baseline: {note}; {rounds} rounds of {IMAGES} images, OMP_NUM_THREADS='
-              f'{os.environ.get("OMP_NUM_THREADS", "unset")}; {macs / 1e9:.3f} GMAC per image)')
+              f'{os.environ.get("OMP_NUM_THREADS", "unset")}; {flops / 2e9:.3f} GMAC per image)')
         print('| variant | images/s (median) | GFLOP/s (median) | x baseline (median) | range over rounds |')
         print('|---|---|---|---|---|')
         for key, values in rates.items():
             ratio = np.array(values) / base_rates
-            print(f'| {key} | {np.median(values):.1f} | {2 * macs * np.median(values) / 1e9:.0f} | '
+            print(f'| {key} | {np.median(values):.1f} | {flops * np.median(values) / 1e9:.0f} | '
                   f'{np.median(ratio):.2f} | {ratio.min():.2f}-{ratio.max():.2f} |', flush=True)
         rows.append((name, rates))
     return rows
