@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from recognition import export
+from recognition import export, inference
 from recognition.checkpoint import save_checkpoint
 from recognition.inference import backend_devices, inference_graph, load_embedder
 from recognition.models import get_model, init_params
@@ -134,6 +134,21 @@ def test_a_plain_module_checkpoint_on_both_backends_and_the_cache(tmp_path):
     assert scaled_difference(load_embedder(prefix, 3, backend='onnxruntime').forward(nchw), doubled) <= TOLERANCE
     assert [f for f in os.listdir(tmp_path) if f.endswith('.onnx')] == [
         os.path.basename(export.cache_path(prefix, 3, image_size=(32, 32)))] != cached
+
+
+def test_onnxruntime_runs_a_cpu_batch_in_short_session_calls(tmp_path, monkeypatch):
+    """A batch of 20 goes to the session as 8 + 8 + 4 rows (`ORT_CPU_RUN_BATCH`), every row in its place."""
+    prefix = module_checkpoint(tmp_path)
+    nchw = np.random.default_rng(3).uniform(0, 255, (20, 3, 32, 32)).astype(np.float32)
+    expected = module_reference(prefix, 3, nchw)
+    embedder = load_embedder(prefix, 3, batch_size=64, backend='onnxruntime')
+    session = embedder._session(32, 32)[0]
+    rows = []
+    run = session.run
+    monkeypatch.setattr(session, 'run', lambda outputs, feed: rows.append(len(next(iter(feed.values()))))
+                        or run(outputs, feed))
+    assert scaled_difference(embedder.forward(nchw), expected) <= TOLERANCE
+    assert rows == [inference.ORT_CPU_RUN_BATCH] * 2 + [20 - 2 * inference.ORT_CPU_RUN_BATCH]
 
 
 def module_checkpoint_params(prefix, scale):
