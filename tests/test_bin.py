@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from recognition.data import bin as bin_format
 from recognition.data.bin import check_pairs, load_bin, load_verification_set, read_bin, write_bin
 from recognition.utils import UserError
 
@@ -100,3 +101,12 @@ def test_a_verification_set_loads_as_load_bin_does(tmp_path):
     np.testing.assert_array_equal(data.asnumpy(), want.asnumpy())
     np.testing.assert_array_equal(flipped.asnumpy(), data.asnumpy()[:, :, :, ::-1])
     assert data.asnumpy().std() > 0
+
+
+def test_the_arrays_are_allocated_without_numpy_huge_page_advice_which_comes_back():
+    toggle = np.core.multiarray._set_madvise_hugepage   # sets the advice and returns what it was
+    original = toggle(True)
+    toggle(original)
+    during = bin_format._without_huge_page_advice(lambda: toggle(False))
+    after = toggle(original)
+    assert during is False and after is original

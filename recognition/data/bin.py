@@ -96,6 +96,20 @@ def load_bin(path, image_size=(112, 112)):
     return _decode(path, *read_bin(path), image_size)
 
 
+def _without_huge_page_advice(allocate):
+    """`allocate()` with numpy's madvise(MADV_HUGEPAGE) on large arrays off: where the kernel compacts memory
+    on that advice (`transparent_hugepage/defrag` = madvise, as on the 2-core AMD VM of docs/benchmarks.md),
+    the first touch of a 6,000-pair set's two 1.8 GB arrays took 6.8-9.9 s instead of 1.4-1.7 s, and got no
+    huge page anyway (AnonHugePages 0 kB)."""
+    toggle = getattr(np.core.multiarray, '_set_madvise_hugepage', None)   # numpy >= 1.20
+    previous = toggle(False) if toggle else None
+    try:
+        return allocate()
+    finally:
+        if toggle:
+            toggle(previous)
+
+
 def _decode(path, bins, issame, image_size):
     """`load_bin`'s arrays from the images' encoded bytes, decoded on a thread per core (cv2 releases the GIL;
     every image has its own rows, so the result does not depend on the threads).
@@ -107,8 +121,7 @@ def _decode(path, bins, issame, image_size):
     """
     from mxnet import nd   # here: make_bin.py and the checks read and write .bin sets without MXNet (~2 s)
     h, w = image_size
-    data = np.empty((len(bins), 3, h, w), dtype=np.float32)
-    flipped = np.empty_like(data)
+    data, flipped = _without_huge_page_advice(lambda: [np.empty((len(bins), 3, h, w), np.float32) for _ in 'ab'])
 
     def decode(rows):
         for i in rows:
