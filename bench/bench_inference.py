@@ -28,30 +28,19 @@ from recognition.checkpoint import save_checkpoint
 from recognition.data.bin import read_bin, write_bin
 from recognition.data.synthetic_faces import render_aligned, sample_identity, sample_variation
 from recognition.evaluation.verification import evaluate
-from recognition.export import cached_onnx
+from recognition.export import cached_onnx, relative_difference
 from recognition.inference import load_embedder
-from recognition.models import forward_flops, get_model, init_params
+from recognition.models import forward_flops, random_inference_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = 128
 
 
 def make_checkpoint(work, name, seed=0):
-    """A randomly initialised `name` net with random BatchNorm statistics and PReLU slopes, saved once."""
+    """`models.random_inference_net(name, seed)` saved once as `work/name-0001.params`."""
     prefix = os.path.join(work, name)
     if not os.path.isfile(prefix + '-0001.params'):
-        mx.random.seed(seed)
-        net = init_params(get_model(name))
-        net(mx.nd.zeros((1, 3, 112, 112)))
-        rng = np.random.default_rng(seed)
-        for pname, p in net.collect_params().items():
-            if pname.endswith('moving_var'):
-                p.set_data(mx.nd.array(rng.uniform(0.5, 2.0, p.shape)))
-            elif pname.endswith('moving_mean'):
-                p.set_data(mx.nd.array(rng.normal(0, 0.1, p.shape)))
-            elif pname.endswith('relu_gamma'):   # PReLU slopes, some negative
-                p.set_data(mx.nd.array(rng.uniform(-0.3, 0.6, p.shape)))
-        save_checkpoint(prefix, 1, net)
+        save_checkpoint(prefix, 1, random_inference_net(name, seed))
     return prefix
 
 
@@ -107,8 +96,7 @@ def bench_throughput(work, nets, batches, rounds):
                 variants[f'{backend}@{b}'] = lambda emb=emb: emb.forward(x)
         ref = variants['module@32']()
         for key, fn in variants.items():
-            out = fn()
-            diff = float(np.abs(out - ref).max() / np.abs(ref).max())
+            diff = relative_difference(fn(), ref)
             assert diff < 1e-4, (name, key, diff)
         rates = {k: [] for k in variants}
         for _ in range(rounds):

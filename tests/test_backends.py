@@ -12,7 +12,7 @@ import pytest
 from recognition import export, inference
 from recognition.checkpoint import save_checkpoint
 from recognition.inference import backend_devices, inference_graph, load_embedder
-from recognition.models import get_model, init_params
+from recognition.models import random_inference_net
 from recognition.data.bin import write_bin
 from recognition.utils import UserError
 from test_predict import ROOT, load_cli
@@ -49,25 +49,10 @@ def write_pairs_bin(path, pairs=20, size=32, seed=0):
     write_bin(path, bins, issame)
 
 
-def scaled_difference(got, expected):
-    return float(np.abs(got - expected).max() / np.abs(expected).max())
-
-
 def random_net(folder, name, emb_size, seed=0):
-    """A randomly initialised preset net with random BN statistics and PReLU slopes (some negative)."""
-    mx.random.seed(seed)
-    net = init_params(get_model(name, emb_size=emb_size))
-    net(mx.nd.zeros((1, 3, 112, 112)))
-    rng = np.random.default_rng(seed)
-    for pname, p in net.collect_params().items():
-        if pname.endswith('moving_var'):
-            p.set_data(mx.nd.array(rng.uniform(0.5, 2.0, p.shape)))
-        elif pname.endswith('moving_mean'):
-            p.set_data(mx.nd.array(rng.normal(0, 0.1, p.shape)))
-        elif pname.endswith('relu_gamma'):
-            p.set_data(mx.nd.array(rng.uniform(-0.3, 0.6, p.shape)))
+    """`models.random_inference_net` saved as `folder/name-0001.params`."""
     prefix = str(folder / name)
-    save_checkpoint(prefix, 1, net)
+    save_checkpoint(prefix, 1, random_inference_net(name, seed, emb_size))
     return prefix
 
 
@@ -103,7 +88,7 @@ def test_both_backends_equal_a_plain_module_on_the_presets(tmp_path, name, emb):
     expected = module_reference(prefix, 1, batch)
     for backend in ('mxnet', 'onnxruntime'):
         embedder = load_embedder(prefix, 1, batch_size=2, backend=backend)   # a full and a short batch
-        assert scaled_difference(embedder.forward(batch), expected) <= TOLERANCE, backend
+        assert export.relative_difference(embedder.forward(batch), expected) <= TOLERANCE, backend
         embedder.forward(batch)   # a second forward (the MKLDNN pass broke those on y1)
 
 
@@ -115,7 +100,7 @@ def test_a_plain_module_checkpoint_on_both_backends_and_the_cache(tmp_path):
     expected = module_reference(prefix, 3, nchw)
     flipped = module_reference(prefix, 3, nchw[:, :, :, ::-1].copy())
     embedder = load_embedder(prefix, 3, batch_size=4, backend='onnxruntime', bgr=False)
-    assert scaled_difference(embedder.forward(nchw), expected) <= TOLERANCE
+    assert export.relative_difference(embedder.forward(nchw), expected) <= TOLERANCE
     summed = expected + flipped
     np.testing.assert_allclose(embedder.embed(crops), summed / np.linalg.norm(summed, axis=1, keepdims=True),
                                atol=1e-4)
@@ -131,7 +116,7 @@ def test_a_plain_module_checkpoint_on_both_backends_and_the_cache(tmp_path):
     # new params under the same name: a new key, the stale export goes
     mx.model.save_checkpoint(prefix, 3, *module_checkpoint_params(prefix, scale=2.0))
     doubled = module_reference(prefix, 3, nchw)
-    assert scaled_difference(load_embedder(prefix, 3, backend='onnxruntime').forward(nchw), doubled) <= TOLERANCE
+    assert export.relative_difference(load_embedder(prefix, 3, backend='onnxruntime').forward(nchw), doubled) <= TOLERANCE
     assert [f for f in os.listdir(tmp_path) if f.endswith('.onnx')] == [
         os.path.basename(export.cache_path(prefix, 3, image_size=(32, 32)))] != cached
 
@@ -147,7 +132,7 @@ def test_onnxruntime_runs_a_cpu_batch_in_short_session_calls(tmp_path, monkeypat
     run = session.run
     monkeypatch.setattr(session, 'run', lambda outputs, feed: rows.append(len(next(iter(feed.values()))))
                         or run(outputs, feed))
-    assert scaled_difference(embedder.forward(nchw), expected) <= TOLERANCE
+    assert export.relative_difference(embedder.forward(nchw), expected) <= TOLERANCE
     assert rows == [inference.ORT_CPU_RUN_BATCH] * 2 + [20 - 2 * inference.ORT_CPU_RUN_BATCH]
 
 
@@ -164,8 +149,8 @@ def test_several_layers_come_back_in_the_order_asked(tmp_path):
     got = load_embedder(prefix, 3, layer=layers, backend='onnxruntime').forward_all(batch)
     want = load_embedder(prefix, 3, layer=layers).forward_all(batch)
     for g, w, layer in zip(got, want, layers):
-        assert scaled_difference(g, w) <= TOLERANCE
-        assert scaled_difference(g, module_reference(prefix, 3, batch, layer)) <= TOLERANCE
+        assert export.relative_difference(g, w) <= TOLERANCE
+        assert export.relative_difference(g, module_reference(prefix, 3, batch, layer)) <= TOLERANCE
 
 
 def test_the_inference_graph_keeps_the_numbers(tmp_path):
@@ -176,7 +161,7 @@ def test_the_inference_graph_keeps_the_numbers(tmp_path):
     ops = [n['op'] for n in json.loads(fast.tojson())['nodes']]
     assert 'LeakyReLU' not in ops and 'Flatten' in ops and set(extra) == {'relu0_minus_one', 'relu0_minus_slope'}
     batch = np.random.default_rng(4).uniform(0, 255, (3, 3, 32, 32)).astype(np.float32)
-    assert scaled_difference(load_embedder(prefix, 3).forward(batch), module_reference(prefix, 3, batch)) <= 1e-5
+    assert export.relative_difference(load_embedder(prefix, 3).forward(batch), module_reference(prefix, 3, batch)) <= 1e-5
 
 
 def test_an_export_that_does_not_match_is_refused_and_mxnet_still_runs(tmp_path, monkeypatch, capsys):

@@ -26,7 +26,7 @@ from recognition.models.symbol import SymbolBackbone
 
 __all__ = ['get_model', 'build_network', 'list_models', 'init_params', 'get_symbol', 'native_prelu', 'PReLU',
            'FResNet', 'MobileFaceNet', 'ResNeSt', 'SymbolBackbone', 'FAMILIES', 'FRESNET_UNITS', 'walk_blocks',
-           'forward_flops', 'parameter_count']
+           'forward_flops', 'parameter_count', 'random_inference_net']
 
 # Units per stage of each fresnet depth: insightface's, plus the demo network's 10 layers (one unit per stage).
 FRESNET_UNITS = {**UNITS, 10: [1, 1, 1, 1]}
@@ -104,6 +104,24 @@ def init_params(net, ctx=None, force_reinit=False):
     """insightface's initialisation: Xavier(gaussian, out, 2) for weights; PReLU gamma 0.25,
     BN gamma/beta 1/0, moving stats 0/1, biases 0 (each parameter's own initialiser wins)."""
     net.initialize(XAVIER, ctx=ctx, force_reinit=force_reinit)
+    return net
+
+
+def random_inference_net(name, seed=0, emb_size=None):
+    """Preset `name`, initialised (`init_params`) and then given random BatchNorm statistics (mean N(0, 0.1),
+    variance U(0.5, 2)) and PReLU slopes (U(-0.3, 0.6), some negative), all drawn from `seed`: an untrained
+    net whose inference exercises what a trained one's does (the backend tests, bench/bench_inference.py)."""
+    mx.random.seed(seed)
+    net = init_params(get_model(name, emb_size=emb_size))
+    net(mx.nd.zeros((1, 3, 112, 112)))
+    rng = np.random.default_rng(seed)
+    for pname, p in net.collect_params().items():
+        if pname.endswith('moving_var'):
+            p.set_data(mx.nd.array(rng.uniform(0.5, 2.0, p.shape)))
+        elif pname.endswith('moving_mean'):
+            p.set_data(mx.nd.array(rng.normal(0, 0.1, p.shape)))
+        elif pname.endswith('relu_gamma'):
+            p.set_data(mx.nd.array(rng.uniform(-0.3, 0.6, p.shape)))
     return net
 
 
